@@ -1,0 +1,131 @@
+"""Memory-lean per-token log-probabilities and entropies of a causal LM.
+
+The vocabulary projection of a long batch (``[N, T, V]`` with V = 151,936 for Qwen) is the largest
+tensor of a training step. These functions project ``chunk_tokens`` hidden states at a time, in
+fp32, keep only the per-token results, and run each chunk under ``torch.utils.checkpoint`` so the
+backward pass recomputes the chunk's logits instead of storing them: peak extra memory is
+O(chunk_tokens x V) in forward and backward.
+
+Log-probabilities are the per-token log pi(o_t | x, o_<t) whose sums give the policy ratio rho_j
+and the KL term of the GRPO objective, Eq. (2) of the paper, and the SFT negative
+log-likelihood; entropy is the per-token H = -sum_v p_v log p_v, reported as a diagnostic.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Head = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _project(h: torch.Tensor, head: Head) -> torch.Tensor:
+    """Logits ``[n, V]`` for hidden ``[n, H]``: ``h @ head.T`` for a weight ``[V, H]``, else
+    ``head(h)`` (an ``nn.Linear``, a LoRA-wrapped or an FSDP-wrapped head)."""
+    if isinstance(head, torch.Tensor):
+        return h @ head.t()
+    return head(h)
+
+
+def _chunk_stats(h: torch.Tensor, head: Head, targets: torch.Tensor, temperature: float,
+                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = _project(h, head).float()  # [n, V] fp32
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # [n, V]
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # [n]
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n]
+    return logp, entropy
+
+
+def _needs_grad(hidden: torch.Tensor, head: Head) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if hidden.requires_grad:
+        return True
+    if isinstance(head, torch.Tensor):
+        return head.requires_grad
+    if isinstance(head, nn.Module):
+        return any(p.requires_grad for p in head.parameters())
+    return True
+
+
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    head: Head,
+    targets: torch.Tensor,
+    *,
+    chunk_tokens: int = 2048,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(head(hidden) / temperature)[target] per token, computed chunk by chunk.
+
+    hidden: ``[..., H]`` final-normed hidden states; targets: ``[...]`` token ids (negative ids,
+    e.g. -100, give log-prob 0); head: the output weight ``[V, H]`` or a module/callable mapping
+    ``[n, H] -> [n, V]`` (pass the model's ``get_output_embeddings()`` when it may be wrapped).
+    Logits are cast to fp32 before the softmax, so results equal
+    ``log_softmax(logits.float() / temperature, -1).gather(-1, targets)``.
+    Returns log-probs ``[...]`` (fp32), and with ``with_entropy`` also entropies ``[...]`` of the
+    same tempered distribution.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    y = targets.reshape(-1)  # [N]
+    assert h.shape[0] == y.shape[0], (hidden.shape, targets.shape)
+    ignored = y < 0
+    y = y.clamp_min(0)
+    lean = _needs_grad(hidden, head)
+    logps, ents = [], []
+    for s in range(0, h.shape[0], chunk_tokens):
+        args = (h[s: s + chunk_tokens], head, y[s: s + chunk_tokens], temperature, with_entropy)
+        if lean:
+            logp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            logp, ent = _chunk_stats(*args)
+        logps.append(logp)
+        ents.append(ent)
+    if not logps:  # no tokens
+        empty = h.new_zeros(0, dtype=torch.float32)
+        logps, ents = [empty], [empty]
+    logp = torch.cat(logps).masked_fill(ignored, 0.0).view(shape)
+    if not with_entropy:
+        return logp
+    return logp, torch.cat(ents).view(shape)
+
+
+def model_token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    last_n: int | None = None,
+    chunk_tokens: int = 2048,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each next token: ``out[:, t] = log p(input_ids[:, t + 1] | input_ids[:, :t+1])``.
+
+    input_ids ``[B, T]`` -> ``[B, T - 1]`` (or ``[B, last_n]``: only the last ``last_n`` targets,
+    e.g. the response part of right-aligned prompt+response rows, skipping the prompt's vocab
+    projection). Assumes ``model(..., return_hidden=True)`` returns final-normed hidden states
+    ``[B, T, H]`` and ``model.get_output_embeddings()`` returns the head module (plain, LoRA- or
+    FSDP-wrapped); both hold for :class:`minicd.model.qwen.QwenForCausalLM`.
+    """
+    hidden = model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                   return_hidden=True)  # [B, T, H]
+    hidden, targets = hidden[:, :-1], input_ids[:, 1:]  # [B, T-1, H], [B, T-1]
+    if last_n is not None:
+        keep = hidden.shape[1] - last_n
+        hidden, targets = hidden[:, keep:], targets[:, keep:]
+    return token_logprobs_from_hidden(hidden, model.get_output_embeddings(), targets,
+                                      chunk_tokens=chunk_tokens, temperature=temperature,
+                                      with_entropy=with_entropy)
