@@ -116,16 +116,18 @@ def model_token_logprobs(
 
     input_ids ``[B, T]`` -> ``[B, T - 1]`` (or ``[B, last_n]``: only the last ``last_n`` targets,
     e.g. the response part of right-aligned prompt+response rows, skipping the prompt's vocab
-    projection). Assumes ``model(..., return_hidden=True)`` returns final-normed hidden states
-    ``[B, T, H]`` and ``model.get_output_embeddings()`` returns the head module (plain, LoRA- or
-    FSDP-wrapped); both hold for :class:`minicd.model.qwen.QwenForCausalLM`.
+    projection). Assumes ``model(..., head_fn=f)`` returns ``f(final-normed hidden [B, T, H],
+    head module)`` computed inside its forward, as :class:`minicd.model.qwen.QwenForCausalLM`
+    does, so the head is applied while FSDP2 has the root's parameters gathered.
     """
-    hidden = model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                   return_hidden=True)  # [B, T, H]
-    hidden, targets = hidden[:, :-1], input_ids[:, 1:]  # [B, T-1, H], [B, T-1]
-    if last_n is not None:
-        keep = hidden.shape[1] - last_n
-        hidden, targets = hidden[:, keep:], targets[:, keep:]
-    return token_logprobs_from_hidden(hidden, model.get_output_embeddings(), targets,
-                                      chunk_tokens=chunk_tokens, temperature=temperature,
-                                      with_entropy=with_entropy)
+    def head_fn(hidden: torch.Tensor, head: nn.Module):
+        hidden, targets = hidden[:, :-1], input_ids[:, 1:]  # [B, T-1, H], [B, T-1]
+        if last_n is not None:
+            keep = hidden.shape[1] - last_n
+            hidden, targets = hidden[:, keep:], targets[:, keep:]
+        return token_logprobs_from_hidden(hidden, head, targets, chunk_tokens=chunk_tokens,
+                                          temperature=temperature, with_entropy=with_entropy)
+
+    # the head runs inside the model's forward (head_fn), so FSDP2 keeps lm_head gathered
+    return model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                 head_fn=head_fn)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -460,7 +460,8 @@ class QwenForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None, *,
-                return_hidden: bool = False, logits_to_keep: int | None = None) -> torch.Tensor:
+                return_hidden: bool = False, logits_to_keep: int | None = None,
+                head_fn: Callable[[torch.Tensor, nn.Module], Any] | None = None) -> Any:
         """Logits ``[B, T, V]`` (model dtype) for ``input_ids`` ``[B, T]``.
 
         ``attention_mask`` ``[B, T]``: 1 = token, 0 = pad (left padding; with no position_ids,
@@ -468,6 +469,9 @@ class QwenForCausalLM(nn.Module):
         a :class:`KVCache` that this call appends to. ``return_hidden=True`` returns the
         final-normed hidden states ``[B, T, H]`` instead of logits (for chunked log-probs).
         ``logits_to_keep=n`` computes logits for the last ``n`` positions only.
+        ``head_fn(hidden, lm_head)``: returned instead of logits, computed INSIDE the forward so
+        that FSDP2 keeps the root's parameters (lm_head, tied embeddings) gathered while it runs;
+        this is how the chunked log-prob function applies the head without ``[B, T, V]`` logits.
 
         Without padding (or with right padding and ``attention_mask=None``, which leaves real
         tokens exact) attention runs with ``is_causal=True``, the fast SDPA kernels; an explicit
@@ -476,6 +480,8 @@ class QwenForCausalLM(nn.Module):
         h = self.model(input_ids, position_ids, attention_mask, kv_cache)  # [B, T, H]
         if return_hidden:
             return h
+        if head_fn is not None:
+            return head_fn(h, self.lm_head)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)

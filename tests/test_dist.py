@@ -1,0 +1,88 @@
+"""FSDP2 under torchrun --nproc_per_node 2 (gloo) matches one process on the whole batch."""
+
+import os
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minicd import ConfigError, DistributedError
+from minicd.dist import init_distributed
+from minicd.model.hub import build_model
+from minicd.model.lora import load_adapter, lora_state_dict
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+import fsdp_lora_train as script  # noqa: E402
+
+SCRIPT = Path(__file__).parent / "dist_scripts" / "fsdp_lora_train.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.mark.distributed
+def test_fsdp2_lora_matches_single_process(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir(), multi.mkdir()
+    subprocess.run([sys.executable, str(SCRIPT), str(single)], check=True, env=_env(), timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    subprocess.run(torchrun + [str(SCRIPT), str(multi)], check=True, env=_env(), timeout=300)
+
+    a = load_file(single / "adapter" / "adapter_model.safetensors")
+    b = load_file(multi / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(k.startswith("base_model.model.") and (".lora_A." in k or ".lora_B." in k) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    la = json.loads((single / "losses.json").read_text())
+    lb = json.loads((multi / "losses.json").read_text())
+    assert len(la) == 3 and la[0] != la[2]                     # training moved the adapter
+    for x, y in zip(la, lb):
+        assert abs(x - y) <= 1e-5
+
+    # the adapter gathered and saved on rank 0 loads back with identical weights
+    model = build_model(script.tiny_config(), seed=0)
+    load_adapter(model, multi / "adapter")
+    loaded = lora_state_dict(model)
+    assert loaded.keys() == b.keys()
+    for k in b:
+        assert torch.equal(loaded[k], b[k]), k
+
+
+def test_single_process_without_torchrun(monkeypatch):
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    info = init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+    assert info.device == torch.device("cpu")
+
+
+def test_partial_torchrun_env_is_a_clear_error(monkeypatch):
+    for v in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DistributedError, match="WORLD_SIZE"):
+        init_distributed(device="cpu")
+
+
+def test_bad_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="device"):
+        init_distributed(device="tpu")
