@@ -243,3 +243,17 @@ def test_resolve_repo_id_from_offline_cache(tmp_path, monkeypatch):
     message = str(err.value)
     assert "acme/not-cached" in message and "HF_HUB_OFFLINE=0" in message  # the hub's reason
     assert "local checkpoint directory" in message
+
+
+def test_hub_load_tokenizer_resolves_local_dirs(tmp_path):
+    from minicd.model.hub import load_tokenizer
+    from minicd.model.tokenizer import train_bpe_tokenizer
+
+    texts = ["discharge diagnosis: hypertension", "brief hospital course: stable"] * 20
+    trained = train_bpe_tokenizer(texts, 300, tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.template == "chatml"
+    assert tok.encode("hypertension stable") == trained.encode("hypertension stable")
+    assert tok.stop_ids[0] == tok.token_to_id("<|im_end|>")
+    with pytest.raises(CheckpointError):
+        load_tokenizer(tmp_path / "missing")

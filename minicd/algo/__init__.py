@@ -1,1 +1,1 @@
-"""algo"""
+"""Pure algorithm math: lean log-probs, the SFT loss, GRPO objective, PHI hint sampling."""

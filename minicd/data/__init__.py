@@ -1,1 +1,1 @@
-"""data"""
+"""Data: MIMIC preprocessing, splits, records, truncation, retrieval, synthetic corpus."""

@@ -148,6 +148,17 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | No
     return model
 
 
+def load_tokenizer(path_or_repo_id: str | os.PathLike, template: str | None = None):
+    """The tokenizer of a checkpoint (local dir or hub repo id) with its chat template.
+
+    ``template`` ("qwen2.5", "qwen3", "chatml") overrides detection from tokenizer_config.json;
+    see :func:`minicd.model.tokenizer.load_tokenizer`.
+    """
+    from minicd.model.tokenizer import load_tokenizer as _load
+
+    return _load(resolve_checkpoint(path_or_repo_id), template=template)
+
+
 def build_model(config: QwenConfig, seed: int = 0, dtype: torch.dtype | str = torch.float32,
                 device: torch.device | str = "cpu") -> QwenForCausalLM:
     """A model with fresh weights (see ``QwenForCausalLM.init_weights``), deterministic in seed."""

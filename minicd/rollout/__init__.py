@@ -1,1 +1,1 @@
-"""rollout"""
+"""Rollout engines (torch KV-cache sampler, vLLM)."""

@@ -1,1 +1,1 @@
-"""train"""
+"""Stage loops: SFT, GRPO, PHI."""
