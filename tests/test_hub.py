@@ -257,3 +257,24 @@ def test_hub_load_tokenizer_resolves_local_dirs(tmp_path):
     assert tok.stop_ids[0] == tok.token_to_id("<|im_end|>")
     with pytest.raises(CheckpointError):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_config_defaults_follow_model_type_and_save_faithfully(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = QwenConfig(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert cfg.qk_norm is True and cfg.attention_bias is False
+    q2 = cfg.replace(model_type="qwen2", qk_norm=None, attention_bias=None)
+    assert q2.qk_norm is False and q2.attention_bias is True
+    with pytest.raises(ValueError, match="qk_norm"):
+        cfg.replace(qk_norm=False)
+    model = build_model(cfg, seed=3)
+    with torch.no_grad():  # move the q/k norms off their init so a dropped norm would show
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.mul_(1.7)
+    save_model(model, tmp_path / "m")
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "m", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, model(IDS), rtol=0, atol=ATOL)

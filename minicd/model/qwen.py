@@ -54,8 +54,8 @@ class QwenConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    qk_norm: bool = False
+    attention_bias: bool | None = None   # None: True for qwen2 (q/k/v), False for qwen3
+    qk_norm: bool | None = None          # None: True for qwen3; must match the model type
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -64,6 +64,18 @@ class QwenConfig:
 
     def __post_init__(self) -> None:
         assert self.model_type in ARCHITECTURES, self.model_type
+        qwen3 = self.model_type == "qwen3"
+        if self.qk_norm is None:
+            self.qk_norm = qwen3
+        if self.attention_bias is None:
+            self.attention_bias = not qwen3
+        # transformers' Qwen3 always has q_norm/k_norm and Qwen2 always biases q/k/v: other
+        # combinations could not be saved in a form transformers and vLLM load faithfully.
+        if self.qk_norm != qwen3:
+            raise ValueError(f"qk_norm={self.qk_norm} does not match model_type={self.model_type!r} "
+                             "(qwen3 has q/k norms, qwen2 does not)")
+        if self.model_type == "qwen2" and not self.attention_bias:
+            raise ValueError("qwen2 always has q/k/v biases; attention_bias must be True")
         assert self.num_attention_heads % self.num_key_value_heads == 0
         assert self.head_dim % 2 == 0
 
