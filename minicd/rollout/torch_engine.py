@@ -1,0 +1,186 @@
+"""A pure-torch rollout engine: batched KV-cache sampling with the live policy module.
+
+Each request is expanded to one row per (prompt, sample), prompt-major, and cut into batches of
+at most ``max_batch_size`` rows. A batch is left-padded, prefilled once into a
+:class:`~minicd.model.qwen.KVCache`, then decoded one token per step; a row finishes at one of
+``stop_ids`` or after ``max_new_tokens`` and is dropped from the cache (``KVCache.select``), so
+later steps only run the unfinished rows. Logits are cast to fp32 before sampling.
+
+There is no weight copy: the engine calls the very module the trainer updates, so
+``sync_policy`` only bumps the weight version (it exists so the stage loops can treat this engine
+and the vLLM one alike).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from minicd.errors import DataError
+from minicd.log import progress as progress_bar
+from minicd.model.qwen import KVCache
+from minicd.rollout.engine import Generation, SamplingParams
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of ``probs`` ``[B, V]`` (rows sum to 1), renormalised.
+
+    Keeps, per row, the smallest set of most likely tokens whose cumulative probability is
+    >= ``top_p`` (token k of the descending order is kept iff the mass strictly before it is
+    < top_p, so the top token always survives); ties are broken by ``torch.sort``'s order.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # [B, V]
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # [B, V] exclusive cumulative sum
+    keep_sorted = mass_before < top_p
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # [B, V]
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids ``[B]`` from fp32 ``logits`` ``[B, V]``.
+
+    ``temperature == 0``: argmax (greedy). Otherwise a draw from top-p-filtered
+    softmax(logits / temperature), using ``generator`` (never the global RNG when one is given).
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+    probs = top_p_filter(probs, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TorchEngine:
+    """:class:`~minicd.rollout.engine.RolloutEngine` sampling with the live ``model``.
+
+    ``model``: a :class:`~minicd.model.qwen.QwenForCausalLM` (LoRA-injected or not).
+    ``tokenizer``: decodes response text (None: ``text`` is empty). ``device``: where prompts go
+    (default: the model's device). Generation runs under ``torch.no_grad()`` with every module in
+    eval mode; each module's previous train/eval mode is restored afterwards.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, max_batch_size: int = 64,
+                 device: torch.device | str | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self._device = torch.device(device) if device is not None else None
+        self.pad_id = tokenizer.pad_id if tokenizer is not None else 0  # masked out anyway
+        self._version = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where prompts and the sampling generator live (default: the model's device now)."""
+        return self._device if self._device is not None else self.model.device
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def sync_policy(self, model: nn.Module) -> int:
+        """Sample with ``model`` from now on (normally the same live module) and bump the
+        weight version, which is returned."""
+        self.model = model
+        self._version += 1
+        return self._version
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 progress: bool = False) -> list[list[Generation]]:
+        """``params.n`` responses for each of ``prompts`` (token ids), grouped per prompt.
+
+        Sampling uses one ``torch.Generator`` seeded with ``params.seed`` for the whole call, so
+        a seed reproduces a call (with the same ``max_batch_size``); greedy results do not
+        depend on batching. ``progress`` shows a bar over batches.
+        """
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise DataError(f"generate: prompt {i} is empty; every prompt needs >= 1 token")
+        rows = [(i, s) for i in range(len(prompts)) for s in range(params.n)]  # prompt-major
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                generator.seed()  # non-deterministic, without touching the global RNG
+            else:
+                generator.manual_seed(params.seed)
+        out: list[list[Generation]] = [[] for _ in prompts]
+        starts = range(0, len(rows), self.max_batch_size)
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in progress_bar(starts, desc="rollout", unit="batch",
+                                          disable=None if progress else True):
+                    batch = rows[start: start + self.max_batch_size]
+                    results = self._generate_batch([prompts[i] for i, _ in batch], params,
+                                                   generator)
+                    for (i, s), (tokens, logprobs, reason) in zip(batch, results):
+                        out[i].append(Generation(i, s, tokens, self._decode(tokens, reason),
+                                                 reason, logprobs))
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        return out
+
+    def _decode(self, tokens: list[int], reason: str) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(tokens[:-1] if reason == "stop" else tokens)
+
+    def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                     cache: KVCache) -> torch.Tensor:
+        """fp32 logits ``[B, V]`` of the last position, appending ``ids`` to ``cache``."""
+        logits = self.model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+        return logits[:, -1].float()
+
+    def _generate_batch(self, prompts: list[Sequence[int]], params: SamplingParams,
+                        generator: torch.Generator | None,
+                        ) -> list[tuple[list[int], list[float] | None, str]]:
+        """(token_ids, logprobs, finish_reason) per row of one batch."""
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)  # [B, W] left-padded
+        mask = torch.zeros(b, width, dtype=torch.long)  # [B, W]
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = KVCache.for_model(self.model, b, width + params.max_new_tokens)
+        logits = self._last_logits(ids, mask, cache)  # [B, V]
+
+        stop = set(params.stop_ids)
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        logprobs: list[list[float]] | None = [[] for _ in range(b)] \
+            if params.return_logprobs else None
+        reasons = ["length"] * b
+        alive = list(range(b))  # batch row of each cache row
+        for _ in range(params.max_new_tokens):
+            nxt = sample_next(logits, params.temperature, params.top_p, generator)  # [b_alive]
+            if logprobs is not None:  # raw distribution (temperature 1), see Generation
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+                for row, value in zip(alive, lp.tolist()):
+                    logprobs[row].append(value)
+            keep = []
+            for j, (row, tok) in enumerate(zip(alive, nxt.tolist())):
+                tokens[row].append(tok)
+                if tok in stop:
+                    reasons[row] = "stop"
+                elif len(tokens[row]) < params.max_new_tokens:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):  # drop finished rows from the cache
+                index = torch.tensor(keep, device=self.device)
+                cache.select(index)
+                nxt = nxt[index]
+                alive = [alive[j] for j in keep]
+            logits = self._last_logits(nxt[:, None], None, cache)  # [b_alive, V]
+        return [(tokens[r], None if logprobs is None else logprobs[r], reasons[r])
+                for r in range(b)]

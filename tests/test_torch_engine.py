@@ -1,0 +1,283 @@
+"""minicd.rollout.torch_engine against independent references: a full-forward argmax loop,
+transformers' generate, the chunked log-prob function, and hand-computed distributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from minicd.algo.logprobs import model_token_logprobs
+from minicd.errors import ConfigError, DataError
+from minicd.model.hub import build_model, save_model
+from minicd.model.lora import LoRAConfig, inject_lora, lora_modules
+from minicd.model.qwen import QwenConfig, QwenForCausalLM
+from minicd.model.tokenizer import train_bpe_tokenizer
+from minicd.rollout.engine import Generation, RolloutEngine, SamplingParams
+from minicd.rollout.torch_engine import TorchEngine, top_p_filter
+
+VOCAB = 128
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [3, 40, 77, 1]]
+
+
+def tiny_model(vocab: int = VOCAB, seed: int = 0) -> QwenForCausalLM:
+    """Tiny random Qwen3; initializer_range 0.2 makes next-token distributions peaked enough
+    that greedy margins are large and temperature visibly changes them."""
+    cfg = QwenConfig(model_type="qwen3", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, qk_norm=True, initializer_range=0.2, rope_theta=10000.0)
+    return build_model(cfg, seed=seed)
+
+
+def greedy(n_new: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=n_new, **kw)
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n_new, stop_ids=()):
+    """Full forward on the growing sequence of one prompt alone; argmax; raw log-probs."""
+    seq, tokens, logps = list(prompt), [], []
+    for _ in range(n_new):
+        logits = model(torch.tensor([seq]))[0, -1].float()
+        tok = int(logits.argmax())
+        tokens.append(tok)
+        logps.append(torch.log_softmax(logits, -1)[tok].item())
+        seq.append(tok)
+        if tok in stop_ids:
+            break
+    return tokens, logps
+
+
+@torch.no_grad()
+def next_token_probs(model, prompt, temperature=1.0):
+    return torch.softmax(model(torch.tensor([prompt]))[0, -1].double() / temperature, -1)
+
+
+def first_token_counts(engine, prompt, params) -> torch.Tensor:
+    gens = engine.generate([prompt], params)[0]
+    return torch.bincount(torch.tensor([g.token_ids[0] for g in gens]), minlength=VOCAB).double()
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square goodness of fit, tokens with expected count < 5 pooled into one bin."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def test_greedy_batched_matches_reference_loop_and_logprobs():
+    model = tiny_model()
+    engine = TorchEngine(model)
+    assert isinstance(engine, RolloutEngine)
+    out = engine.generate(PROMPTS, greedy(12, return_logprobs=True))
+    assert len(out) == len(PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        (gen,) = out[i]
+        ref_tokens, ref_logps = reference_greedy(model, prompt, 12)
+        assert gen.token_ids == ref_tokens
+        assert gen.finish_reason == "length" and gen.text == ""
+        assert torch.allclose(torch.tensor(gen.logprobs), torch.tensor(ref_logps), atol=1e-5)
+        with torch.no_grad():
+            full = torch.tensor([prompt + gen.token_ids])
+            trainer = model_token_logprobs(model, full, last_n=12)[0]
+        assert torch.allclose(torch.tensor(gen.logprobs), trainer, atol=1e-5)
+    assert len({tuple(o[0].token_ids) for o in out}) == len(PROMPTS)  # not degenerate
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    save_model(model, tmp_path / "ckpt")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    prompts = PROMPTS[:2]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                               pad_token_id=0)[:, width:]
+    out = TorchEngine(model).generate(prompts, greedy(10))
+    assert [o[0].token_ids for o in out] == expected.tolist()
+
+
+def test_stop_ids_finish_reason_and_text(tmp_path):
+    texts = [f"patient {i} has code {i % 17}.{i % 7} and note {i * 31 % 97}" for i in range(300)]
+    tok = train_bpe_tokenizer(texts, 300, tmp_path / "tok")
+    model = tiny_model(vocab=tok.vocab_size, seed=1)
+    engine = TorchEngine(model, tok)
+    prompt = tok.encode("patient 12 has code")
+    free = engine.generate([prompt], greedy(8))[0][0].token_ids
+    # A stop id that the model really emits: the first token not seen before, from step 2 on.
+    k = next(j for j in range(2, 8) if free[j] not in free[:j])
+    stop = free[k]
+    assert tok.decode([stop]) != ""  # dropping it from the text is observable
+    other = next(p for p in (tok.encode(t) for t in texts) if stop not in
+                 reference_greedy(model, p, 8)[0])
+    out = engine.generate([prompt, other], greedy(8, stop_ids=(stop,)))
+    stopped, unstopped = out[0][0], out[1][0]
+    assert stopped.token_ids == free[: k + 1]  # includes the stop token
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == tok.decode(free[:k])
+    assert unstopped.finish_reason == "length" and len(unstopped.token_ids) == 8
+    assert unstopped.text == tok.decode(unstopped.token_ids)
+    # Stop token generated exactly at the budget still counts as "stop".
+    edge = engine.generate([prompt], greedy(k + 1, stop_ids=(stop,)))[0][0]
+    assert edge.finish_reason == "stop" and edge.token_ids == free[: k + 1]
+    short = engine.generate([prompt], greedy(k, stop_ids=(stop,)))[0][0]
+    assert short.finish_reason == "length" and short.token_ids == free[:k]
+
+
+def test_seeded_sampling_reproducible_and_global_rng_untouched():
+    engine = TorchEngine(tiny_model())
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=10, seed=1)
+
+    def tokens(p):
+        return [[g.token_ids for g in row] for row in engine.generate(PROMPTS, p)]
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = tokens(params)
+    assert torch.equal(torch.get_rng_state(), state)
+    tokens(SamplingParams(temperature=1.0, max_new_tokens=5, seed=None))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert tokens(params) == first
+    torch.manual_seed(999)  # the global RNG plays no part
+    assert tokens(params) == first
+    assert tokens(SamplingParams(n=4, temperature=1.0, max_new_tokens=10, seed=2)) != first
+
+
+def test_first_token_distribution_matches_softmax():
+    model = tiny_model()
+    engine = TorchEngine(model, max_batch_size=4000)
+    prompt = PROMPTS[0]
+    p1, p_half = next_token_probs(model, prompt), next_token_probs(model, prompt, 0.5)
+    counts = first_token_counts(engine, prompt, SamplingParams(n=4000, max_new_tokens=1, seed=0))
+    assert chi2_pvalue(counts, p1) > 1e-3
+    assert chi2_pvalue(counts, p_half) < 1e-6  # the test can tell the two apart
+    cold = first_token_counts(engine, prompt, SamplingParams(n=4000, temperature=0.5,
+                                                             max_new_tokens=1, seed=0))
+    assert chi2_pvalue(cold, p_half) > 1e-3
+    assert chi2_pvalue(cold, p1) < 1e-6
+    assert cold.max() > counts.max()  # lower temperature concentrates on the top token
+
+
+def test_top_p_keeps_smallest_nucleus():
+    model = tiny_model()
+    engine = TorchEngine(model, max_batch_size=4000)
+    prompt = PROMPTS[0]
+    probs = next_token_probs(model, prompt)
+    top, order = probs.sort(descending=True)
+    assert top[1] > top[2]  # two tokens survive, deterministically
+    top_p = float(top[0] + 0.5 * top[1])  # needs the top two tokens, not a third
+    counts = first_token_counts(engine, prompt, SamplingParams(n=4000, top_p=top_p,
+                                                               max_new_tokens=1, seed=3))
+    assert set(counts.nonzero().flatten().tolist()) == set(order[:2].tolist())
+    share = counts[order[0]] / 4000
+    expected = top[0] / (top[0] + top[1])
+    assert abs(share - expected) < 4 * (expected * (1 - expected) / 4000) ** 0.5
+    # top_p below every top probability: only the argmax survives, i.e. greedy.
+    sampled = engine.generate(PROMPTS, SamplingParams(n=2, top_p=1e-4, max_new_tokens=10,
+                                                      seed=5))
+    greedy_out = engine.generate(PROMPTS, greedy(10))
+    for row, ref in zip(sampled, greedy_out):
+        assert [g.token_ids for g in row] == [ref[0].token_ids] * 2
+
+
+def test_top_p_filter_by_hand():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    assert torch.allclose(top_p_filter(probs, 0.4), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    assert torch.allclose(top_p_filter(probs, 0.7), torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    assert torch.allclose(top_p_filter(probs, 0.85),
+                          torch.tensor([[0.15, 0.5, 0.0, 0.3]]) / 0.95)
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+
+
+def test_n_samples_order_and_chunking_equal_one_batch():
+    model = tiny_model()
+    stop = reference_greedy(model, PROMPTS[1], 6)[0][3]  # rows then finish at different steps
+    params = greedy(9, n=3, stop_ids=(stop,), return_logprobs=True)
+    big = TorchEngine(model, max_batch_size=64).generate(PROMPTS, params)
+    small = TorchEngine(model, max_batch_size=2).generate(PROMPTS, params)
+    assert {g.finish_reason for row in big for g in row} == {"stop", "length"}
+    for i, (row_big, row_small) in enumerate(zip(big, small)):
+        assert [(g.prompt_index, g.sample_index) for g in row_big] == [(i, 0), (i, 1), (i, 2)]
+        assert [(g.prompt_index, g.sample_index) for g in row_small] == [(i, 0), (i, 1), (i, 2)]
+        ref, _ = reference_greedy(model, PROMPTS[i], 9, stop_ids=(stop,))
+        for a, b in zip(row_big, row_small):
+            assert a.token_ids == b.token_ids == ref
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    sampled = TorchEngine(model).generate(PROMPTS, SamplingParams(n=5, max_new_tokens=8, seed=0))
+    for i, row in enumerate(sampled):
+        assert [(g.prompt_index, g.sample_index) for g in row] == [(i, s) for s in range(5)]
+        assert all(isinstance(g, Generation) and len(g.token_ids) == 8 for g in row)
+        assert len({tuple(g.token_ids) for g in row}) > 1
+
+
+def test_lora_live_weights_and_weight_version():
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"),
+                generator=torch.Generator().manual_seed(0))
+    engine = TorchEngine(model)
+    before = engine.generate(PROMPTS, greedy(10))
+    for i, p in enumerate(PROMPTS):  # lora_B = 0: the base model's outputs
+        assert before[i][0].token_ids == reference_greedy(model, p, 10)[0]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen))
+    after = engine.generate(PROMPTS, greedy(10))  # no sync: the engine reads live weights
+    assert [o[0].token_ids for o in after] != [o[0].token_ids for o in before]
+    for i, p in enumerate(PROMPTS):
+        assert after[i][0].token_ids == reference_greedy(model, p, 10)[0]
+    v0 = engine.weight_version
+    assert engine.sync_policy(model) == v0 + 1 == engine.weight_version
+    assert engine.sync_policy(model) == v0 + 2 == engine.weight_version
+
+
+def test_eval_mode_during_generation_and_restored():
+    model = tiny_model().train()
+    model.model.layers[1].eval()  # mixed modes are restored module by module
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    out = TorchEngine(model).generate(PROMPTS[:1], greedy(3), progress=True)
+    assert out[0][0].token_ids == reference_greedy(model.eval(), PROMPTS[0], 3)[0]
+    model.train()
+    model.model.layers[1].eval()
+    seen.clear()
+    TorchEngine(model).generate(PROMPTS[:1], greedy(3))
+    assert seen and not any(seen)
+    assert model.training and model.model.layers[0].training
+    assert not model.model.layers[1].training
+    assert torch.is_grad_enabled()
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ConfigError, match="n must"):
+        SamplingParams(n=0)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(DataError, match="prompt 1 is empty"):
+        TorchEngine(tiny_model()).generate([[1, 2], []], greedy(2))
+
+
+def test_sampled_logprobs_are_raw_model_logprobs():
+    """With temperature and top-p the returned log-probs stay those of the untempered model."""
+    model = tiny_model()
+    stop = reference_greedy(model, PROMPTS[0], 4)[0][1]
+    params = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=8, seed=4,
+                            stop_ids=(stop,), return_logprobs=True)
+    for prompt, row in zip(PROMPTS, TorchEngine(model).generate(PROMPTS, params)):
+        for g in row:
+            assert len(g.logprobs) == len(g.token_ids)
+            with torch.no_grad():
+                full = torch.tensor([prompt + g.token_ids])
+                expected = model_token_logprobs(model, full, last_n=len(g.token_ids))[0]
+            assert torch.allclose(torch.tensor(g.logprobs), expected, atol=1e-5)
