@@ -8,36 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from tiny_hf import TINY, perturbed_hf_model
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from minicd import CheckpointError
 from minicd.model.hub import (build_model, load_config, load_model, resolve_checkpoint,
                               save_model)
 from minicd.model.qwen import QwenConfig
 
-TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)
 ATOL = 1e-5
 IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
 def hf_checkpoint(path: Path, kind: str, tied: bool, seed: int = 0, **save_kw) -> torch.nn.Module:
     """Save a tiny random HF model (norms and biases moved off init) to ``path``."""
-    torch.manual_seed(seed)
-    cfg_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                          "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
     extra = {"head_dim": 24} if kind == "qwen3" else {}
-    cfg = cfg_cls(**TINY, **extra, tie_word_embeddings=tied, eos_token_id=7,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
-    model = model_cls(cfg).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    model = perturbed_hf_model(kind, tied, seed, eos_token_id=7, **extra)
     model.save_pretrained(path, **save_kw)
     return model
 

@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from tiny_hf import TINY, perturbed_hf_model
+from transformers import Qwen2Config, Qwen3Config
 
 from minicd.model.qwen import KVCache, QwenConfig, QwenForCausalLM
 
-TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)
 ATOL = 1e-5
 
 
 def hf_model(kind: str, tied: bool = False, seed: int = 0, **extra) -> torch.nn.Module:
-    """Tiny random HF model whose norm weights and biases are moved off their init values."""
-    torch.manual_seed(seed)
-    cfg_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                          "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
-    cfg = cfg_cls(**TINY, tie_word_embeddings=tied,
-                  rope_parameters={"rope_type": "default", "rope_theta": 500.0}, **extra)
-    cfg._attn_implementation = "eager"  # an attention code path independent of ours
-    model = model_cls(cfg).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-    return model
+    return perturbed_hf_model(kind, tied, seed, rope_theta=500.0, eager=True, **extra)
 
 
 def ours_from(hf: torch.nn.Module) -> QwenForCausalLM:
