@@ -1,6 +1,7 @@
 """Configuration: one dataclass per concern, loaded from TOML with dotted command-line overrides.
 
-A config file is a TOML document whose tables are the sections below (``[model]``, ``[lora]``,
+A config file is a TOML document (optionally ``extends = "base.toml"``, a file it is layered
+over, table by table) whose tables are the sections below (``[model]``, ``[lora]``,
 ``[data]``, ``[train]``, ``[sft]``, ``[grpo]``, ``[phi]``, ``[rollout]``, ``[log]``). Any key can
 be overridden on the command line as ``section.key=value`` where ``value`` is TOML
 (``sft.lr=1e-4``, ``lora.target_modules=["q_proj","v_proj"]``, ``model.template="qwen3"``); a bare
@@ -148,20 +149,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found; pass an existing TOML file (see configs/)")
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+        where = str(path)
+        raw = _read_toml(Path(path), chain=())
     if overrides:
         where += " + command-line overrides"
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
     return _build(Config, raw, where, prefix="")
+
+
+def _read_toml(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """Read one TOML file; a top-level ``extends = "other.toml"`` (relative to this file) is read
+    first and this file's tables are merged over it key by key."""
+    if not p.is_file():
+        hint = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {p} not found{hint}; pass an existing TOML file (see configs/)")
+    if p.resolve() in chain:
+        raise ConfigError(f"{p}: circular `extends` chain: {' -> '.join(map(str, chain + (p,)))}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: extends must be a path string, got {base!r}")
+    merged = _read_toml((p.parent / base), chain + (p.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

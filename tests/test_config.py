@@ -61,3 +61,34 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_config_is_plain_data():
     assert Config().to_dict()["grpo"]["clip_high"] == 0.2
+
+
+def test_extends_layers_tables_key_by_key(tmp_path):
+    (tmp_path / "base.toml").write_text('[model]\npath = "Qwen/Qwen3-4B"\ntemplate = "qwen3"\n'
+                                        '[sft]\nlr = 1e-5\nepochs = 3\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[sft]\nlr = 1e-4\n[data]\ncorpus = "mimic4"\n')
+    cfg = load_config(tmp_path / "child.toml", ["sft.epochs=1"])
+    assert cfg.model.path == "Qwen/Qwen3-4B" and cfg.model.template == "qwen3"
+    assert cfg.sft.lr == 1e-4 and cfg.sft.epochs == 1.0
+    assert cfg.data.corpus == "mimic4"
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "loop.toml")
+    (tmp_path / "orphan.toml").write_text('extends = "nope.toml"\n')
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_config(tmp_path / "orphan.toml")
+
+
+def test_every_shipped_preset_loads():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert len(presets) >= 8
+    for p in presets:
+        cfg = load_config(p)
+        if p.name.startswith("qwen"):
+            backbone, corpus, scope = p.stem.split("_")
+            assert cfg.data.corpus == corpus and cfg.data.label_scope == scope
+            assert cfg.data.code_system == ("icd9" if corpus == "mimic3" else "icd10")
+            assert cfg.model.template == ("qwen3" if backbone.startswith("qwen3") else "qwen2.5")
+            assert cfg.sft.lr == 1e-5 and cfg.grpo.kl_coef == 1e-3      # the paper's values
