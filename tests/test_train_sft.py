@@ -1,0 +1,237 @@
+"""SFT stage loop end to end on a tiny from-scratch Qwen3 and a small synthetic MIMIC-III set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minicd.config import load_config
+from minicd.data.mimic import prepare_mimic3
+from minicd.data.records import read_records
+from minicd.data.synthetic import SyntheticSpec, write_mimic3
+from minicd.log import read_metrics
+from minicd.model.hub import build_model, save_model
+from minicd.model.qwen import QwenConfig
+from minicd.model.tokenizer import train_bpe_tokenizer
+from minicd.train.common import cosine_lambda
+from minicd.train.sft import epoch_micro_batches, run_sft
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "response_tokens", "step_time_s"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    write_mimic3(root / "raw", SyntheticSpec(n_admissions=300, min_words=80, max_words=180, max_codes=6))
+    prepare_mimic3(root / "raw", root / "data", min_count=3)
+    data_dir = root / "data" / "mimic3" / "top50"
+    notes = [r.note for r in read_records(data_dir / "train.jsonl")]
+    model_dir = root / "model"
+    tok = train_bpe_tokenizer(notes, 1000, model_dir)
+    cfg = QwenConfig(model_type="qwen3", vocab_size=tok.vocab_size, hidden_size=64,
+                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                     eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id)
+    save_model(build_model(cfg, seed=0), model_dir)
+    config = root / "sft.toml"
+    config.write_text(f"""
+[model]
+path = "{model_dir}"
+[lora]
+r = 4
+alpha = 8.0
+[data]
+dir = "{data_dir}"
+max_prompt_tokens = 384
+train_limit = 64
+val_limit = 4
+[train]
+seed = 0
+device = "cpu"
+micro_batch_size = 4
+grad_accum = 2
+eval_every = 3
+save_every = 3
+keep_last = 2
+[sft]
+lr = 1e-2
+warmup_ratio = 0.0
+[rollout]
+max_new_tokens = 8
+""")
+    return {"root": root, "config": config}
+
+
+def _cfg(assets, out: Path, *overrides: str):
+    return load_config(assets["config"], [f"train.output_dir={json.dumps(str(out))}", *overrides])
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_cosine_lambda_by_hand():
+    # warmup 2 of 10 steps: 1/3, 2/3, then 0.5 (1 + cos(pi k / 8))
+    assert cosine_lambda(0, 2, 10) == pytest.approx(1 / 3)
+    assert cosine_lambda(1, 2, 10) == pytest.approx(2 / 3)
+    assert cosine_lambda(2, 2, 10) == pytest.approx(1.0)
+    assert cosine_lambda(6, 2, 10) == pytest.approx(0.5)
+    assert cosine_lambda(10, 2, 10) == pytest.approx(0.0)
+
+
+def test_length_grouping_order():
+    lengths = [5, 50, 7, 40, 9, 30, 11, 20]
+    a = epoch_micro_batches(lengths, 2, seed=3, epoch=0, length_grouping=True)
+    assert a == epoch_micro_batches(lengths, 2, seed=3, epoch=0, length_grouping=True)
+    assert sorted(i for mb in a for i in mb) == list(range(8))
+    # one mega-batch: sorted by length, so pairs are neighbours in length order
+    assert sorted(sorted(mb) for mb in a) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    b = epoch_micro_batches(lengths, 3, seed=3, epoch=1, length_grouping=False)
+    assert [len(mb) for mb in b] == [3, 3, 2]
+    assert sorted(i for mb in b for i in mb) == list(range(8))
+
+
+def test_sft_run_lowers_loss_and_writes_outputs(assets, tmp_path):
+    out = tmp_path / "run"
+    result = run_sft(_cfg(assets, out, "train.max_steps=6"))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        assert STEP_KEYS <= set(r)
+        assert r["response_tokens"] > 0 and r["tokens_per_s"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[0]["lr"] == pytest.approx(1e-2)          # no warm-up: full lr at step 1
+    assert rows[3]["lr"] == pytest.approx(1e-2 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 3 / 6)).item()))
+    # validation at steps 3 and 6, fractions in [0, 1]
+    for r in (rows[2], rows[5]):
+        for k in ("val/micro_f1", "val/macro_f1", "val/span_rate"):
+            assert 0.0 <= r[k] <= 1.0
+    assert "val/micro_f1" not in rows[0]
+    assert 0.0 <= result["val/micro_f1"] <= 1.0 and result["step"] == 6
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-00000003", "step-00000006"]
+    adapter = _adapter(out)
+    assert adapter and all(k.startswith("base_model.model.") for k in adapter)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    # nothing of any note in the metrics
+    text = (out / "metrics.jsonl").read_text()
+    note = read_records(Path(load_config(assets["config"]).data.dir) / "train.jsonl")[0].note
+    assert note[:40] not in text
+
+
+def test_resume_is_exact(assets, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_sft(_cfg(assets, full, "train.max_steps=6", "data.val_limit=0"))
+    # the same run, stopped after its step-3 checkpoint: drop everything written later
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step-00000006")
+    shutil.rmtree(part / "adapter")
+    res = run_sft(_cfg(assets, part, "train.max_steps=6", "data.val_limit=0", "train.resume=true"))
+    assert res["step"] == 6
+    a, b = _adapter(full), _adapter(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    # the resumed run started at step 4: its lines follow the copied run's 1..6
+    assert [r["step"] for r in read_metrics(part / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MINICD_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli(assets, tmp_path):
+    out = tmp_path / "cli"
+    ok = _cli("--stage", "sft", "--config", str(assets["config"]), f"train.output_dir={out}",
+              "train.max_steps=1", "data.val_limit=1", "train.num_threads=1")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(read_metrics(out / "metrics.jsonl")) == 1
+    bad = _cli("--stage", "sft", "--config", str(assets["config"]), "sft.learning_rate=1")
+    assert bad.returncode == 2
+    assert "sft.learning_rate" in bad.stderr and "Traceback" not in bad.stderr
+    later = _cli("--stage", "grpo", "--config", str(assets["config"]))
+    assert later.returncode == 2 and "not implemented yet" in later.stderr
+
+
+def test_greedy_validate_scores_parsed_responses(monkeypatch):
+    import minicd.train.common as common
+    from minicd.data.records import Record
+    from minicd.rollout.engine import Generation
+
+    texts = ["<code>401.9</code>", "<code>584.9, 250.00</code>", "no answer"]
+
+    class FakeEngine:
+        def __init__(self, model, tok, max_batch_size):
+            pass
+
+        def generate(self, prompts, params):
+            assert params.temperature == 0.0 and params.max_new_tokens == 5
+            return [[Generation(i, 0, [7], texts[i], "stop" if i else "length")]
+                    for i in range(len(prompts))]
+
+    monkeypatch.setattr(common, "TorchEngine", FakeEngine)
+    recs = [Record(str(i), str(i), "val", "note", codes, "icd9")
+            for i, codes in enumerate([("401.9", "428.0"), ("584.9",), ("401.9",)])]
+    tok = SimpleNamespace(stop_ids=(2,))
+    m = common.greedy_validate(None, tok, recs, None, 5, prompts=[[1], [1], [1]])
+    # label space {401.9, 428.0, 584.9}; 250.00 is outside it and ignored.
+    # micro: tp 2 (401.9, 584.9), fp 0, fn 2 (428.0, 401.9 of doc 3)
+    assert m["val/micro_precision"] == pytest.approx(1.0)
+    assert m["val/micro_recall"] == pytest.approx(0.5)
+    assert m["val/micro_f1"] == pytest.approx(4 / 6)
+    # macro F1: 401.9 tp1 fn1 -> 2/3; 428.0 -> 0; 584.9 -> 1
+    assert m["val/macro_f1"] == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert m["val/span_rate"] == pytest.approx(2 / 3)
+    assert m["val/truncation_rate"] == pytest.approx(1 / 3)
+
+
+def test_sigterm_saves_and_stops(assets, tmp_path, monkeypatch):
+    import signal
+
+    import minicd.train.sft as sft
+
+    class SignalAtStep2(sft.SigtermFlag):
+        calls = 0
+
+        def any_rank(self):
+            SignalAtStep2.calls += 1
+            if SignalAtStep2.calls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # the real handler sets the flag
+            return super().any_rank()
+
+    monkeypatch.setattr(sft, "SigtermFlag", SignalAtStep2)
+    out = tmp_path / "term"
+    res = run_sft(_cfg(assets, out, "train.max_steps=6", "data.val_limit=0"))
+    assert res["stopped"] is True and res["step"] == 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert not (out / "adapter").exists()
+    state = json.loads((out / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    # 64 examples / (4 x 2) = 8 steps per epoch: step 2 is epoch 0, index 2
+    assert state["trainer"]["epoch"] == 0 and state["trainer"]["index"] == 2
+
+
+def test_full_finetune_writes_model(assets, tmp_path):
+    from minicd.model.hub import load_model
+
+    out = tmp_path / "full"
+    run_sft(_cfg(assets, out, "train.max_steps=1", "data.val_limit=0", "lora.enabled=false"))
+    tuned = load_model(out / "model")
+    base = load_model(load_config(assets["config"]).model.path)
+    assert not (out / "adapter").exists()
+    diff = [n for n, p in tuned.named_parameters()
+            if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert len(diff) > 0
