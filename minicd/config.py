@@ -106,6 +106,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 196          # paper: 196; release used 512 for Full
     val_temperature: float = 0.0       # in-training validation is greedy (release: T 0.6 / top-p 0.95)
+    max_batch_size: int = 64           # torch engine: rows (prompt x sample) decoded together
 
 
 @dataclass

@@ -15,15 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from minicd.config import load_config
-from minicd.data.mimic import prepare_mimic3
 from minicd.data.records import read_records
-from minicd.data.synthetic import SyntheticSpec, write_mimic3
 from minicd.log import read_metrics
-from minicd.model.hub import build_model, save_model
-from minicd.model.qwen import QwenConfig
-from minicd.model.tokenizer import train_bpe_tokenizer
 from minicd.train.common import cosine_lambda
 from minicd.train.sft import epoch_micro_batches, run_sft
+from train_fixtures import build_assets
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "response_tokens", "step_time_s"}
@@ -32,17 +28,8 @@ STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "response_tokens
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
-    write_mimic3(root / "raw", SyntheticSpec(n_admissions=300, min_words=80, max_words=180, max_codes=6))
-    prepare_mimic3(root / "raw", root / "data", min_count=3)
-    data_dir = root / "data" / "mimic3" / "top50"
-    notes = [r.note for r in read_records(data_dir / "train.jsonl")]
-    model_dir = root / "model"
-    tok = train_bpe_tokenizer(notes, 1000, model_dir)
-    cfg = QwenConfig(model_type="qwen3", vocab_size=tok.vocab_size, hidden_size=64,
-                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                     eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id)
-    save_model(build_model(cfg, seed=0), model_dir)
+    built = build_assets(root)
+    model_dir, data_dir = built["model_dir"], built["data_dir"]
     config = root / "sft.toml"
     config.write_text(f"""
 [model]
@@ -163,7 +150,7 @@ def test_cli(assets, tmp_path):
     bad = _cli("--stage", "sft", "--config", str(assets["config"]), "sft.learning_rate=1")
     assert bad.returncode == 2
     assert "sft.learning_rate" in bad.stderr and "Traceback" not in bad.stderr
-    later = _cli("--stage", "grpo", "--config", str(assets["config"]))
+    later = _cli("--stage", "phi", "--config", str(assets["config"]))
     assert later.returncode == 2 and "not implemented yet" in later.stderr
 
 

@@ -1,4 +1,5 @@
-"""What the stage loops share: policy set-up, optimizer and schedule, example encoding, validation.
+"""What the stage loops share: policy set-up, optimizer and schedule, example encoding, validation,
+rollout engines, resume and export, and batch inference (:func:`run_rollout`, used by rollout.py).
 
 Every stage builds its trainable policy the same way (:func:`build_policy`), encodes records into
 (prompt, completion) token ids the same way (:func:`encode_record`), and scores itself with the
@@ -10,24 +11,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from minicd import dist
+from minicd.checkpoint import config_diff, load_checkpoint, restore_rng, resume_checkpoint
 from minicd.config import Config, DataConfig
-from minicd.data.records import Record
+from minicd.data.records import Record, read_records
 from minicd.data.truncate import fit_prompt
-from minicd.errors import ConfigError
+from minicd.errors import ConfigError, DataError
+from minicd.log import progress
 from minicd.metrics import corpus_metrics
-from minicd.model.hub import load_model, load_tokenizer
-from minicd.model.lora import LoRAConfig, inject_lora, load_adapter
+from minicd.model.hub import load_model, load_tokenizer, save_model
+from minicd.model.lora import LoRAConfig, inject_lora, load_adapter, save_adapter
 from minicd.model.tokenizer import Tokenizer, encode_example, encode_prompt
 from minicd.parse import format_answer, parse_codes
 from minicd.prompts import PromptSetting, coding_prompt
 from minicd.rollout.engine import SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
+
+
+CHAT_MARKUP_TOKENS = 64  # room for chat markup around a user turn of data.max_prompt_tokens
 
 
 @dataclass
@@ -70,6 +77,74 @@ def build_policy(cfg: Config, info: dist.DistInfo) -> Policy:
         model.set_activation_checkpointing(True)
     dist.shard_model(model, mixed_precision=cfg.train.mixed_precision)
     return Policy(model, tok, lora_cfg, info)
+
+
+def load_split(cfg: Config, split: str, limit: int | None = None) -> list[Record]:
+    """Records of ``data.dir/<split>.jsonl`` (the first ``limit`` when given)."""
+    path = Path(cfg.data.dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} not found (key data.dir = {cfg.data.dir!r}); prepare the dataset "
+                        "with `python -m minicd.data` and point data.dir at the folder holding "
+                        "train/val/test.jsonl")
+    recs = read_records(path)
+    return recs if limit is None else recs[:limit]
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the trainable parameters' gradient norm (``max_norm <= 0``: no clipping); return the
+    total norm before clipping (the full norm under FSDP2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def resume_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler=None, *, config_text: str, is_main: bool) -> tuple[int, dict]:
+    """Restore the latest checkpoint of ``train.output_dir`` (weights, optimizer, scheduler, RNG).
+
+    Returns (step, the trainer state saved with it). Config keys that changed since the
+    checkpoint (other than ``train.resume``) are printed on the main rank.
+    """
+    ckpt = resume_checkpoint(Path(cfg.train.output_dir))
+    state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+    if state["rng"] is not None:
+        restore_rng(state["rng"])
+    changed = [k for k in config_diff(state["config_text"], config_text) if k != "train.resume"]
+    if changed and is_main:
+        print(f"minicd: resuming {ckpt} with changed config keys: {', '.join(changed)}")
+    return state["step"], state["trainer"]
+
+
+def export_policy(policy: Policy, out_dir: Path, base: str) -> None:
+    """Final weights: PEFT adapter at ``out_dir/adapter`` (LoRA) or ``out_dir/model`` (full FT).
+
+    Collective under FSDP2 (every rank calls it; rank 0 writes)."""
+    weights = dist.full_state_dict(policy.model, trainable_only=policy.lora_cfg is not None)
+    if policy.info.is_main:
+        if policy.lora_cfg is not None:
+            save_adapter(None, out_dir / "adapter", policy.lora_cfg,
+                         base_model_name_or_path=base, state_dict=weights)
+        else:
+            save_model(policy.model, out_dir / "model", state_dict=weights)
+    dist.barrier()
+
+
+def build_engine(cfg: Config, model: nn.Module, tok: Tokenizer, lora_cfg: LoRAConfig | None):
+    """The rollout engine named by ``rollout.engine``: "torch" (:class:`TorchEngine` on the live
+    ``model``) or "vllm" (``minicd.rollout.vllm_engine.VLLMEngine`` over ``model.path``, imported
+    only when asked for; it receives the policy through ``sync_policy``)."""
+    r = cfg.rollout
+    if r.engine == "torch":
+        return TorchEngine(model, tok, max_batch_size=r.max_batch_size)
+    if r.engine == "vllm":
+        from minicd.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg.model.path, tok, lora=lora_cfg, seed=cfg.train.seed,
+                          max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens
+                          + CHAT_MARKUP_TOKENS)
+    raise ConfigError(f"rollout.engine = {r.engine!r}: expected 'torch' or 'vllm'")
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -146,3 +221,57 @@ def greedy_validate(model: nn.Module, tok: Tokenizer, records: Sequence[Record],
     out["val/span_rate"] = sum(p.has_span for p in parsed) / len(parsed)
     out["val/truncation_rate"] = sum(g.finish_reason == "length" for g in gens) / len(gens)
     return out
+
+
+def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None = None,
+                temperature: float = 0.0, n: int = 1, limit: int | None = None,
+                chunk_size: int = 64, show_progress: bool = True) -> dict:
+    """Batch inference on ``data.dir/<split>.jsonl``: write a predictions JSONL and score it.
+
+    The policy is ``model.path`` plus ``adapter`` (default ``lora.init_adapter``; None: the bare
+    model), sampled by ``rollout.engine`` at ``temperature`` (0: greedy) and ``rollout.top_p``,
+    ``n`` responses per record, at most ``rollout.max_new_tokens`` tokens each. Rows
+    (``minicd.predictions.prediction_row``) are appended chunk by chunk (``chunk_size`` records),
+    so an interrupted run keeps its finished chunks; records whose id is already in ``out`` are
+    skipped (resume). Sampled runs seed each chunk with ``train.seed`` + the position of its first
+    record in the split. Returns ``{"written", "skipped", "n_records", "micro_f1", ...}``: corpus
+    metrics of sample 0 of every record (a record with no row counts as an empty prediction).
+    """
+    from minicd.predictions import prediction_row, read_predictions, write_predictions
+
+    out = Path(out)
+    info = dist.init_distributed(cfg.train.device)
+    dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+    model = load_model(cfg.model.path, dtype=dtype, device=info.device)
+    tok = load_tokenizer(cfg.model.path, template=cfg.model.template)
+    adapter = adapter if adapter is not None else cfg.lora.init_adapter
+    lora_cfg = load_adapter(model, adapter) if adapter else None
+    model.to(info.device).eval()
+    engine = build_engine(cfg, model, tok, lora_cfg)
+    if lora_cfg is not None:
+        engine.sync_policy(model)  # vLLM: push the adapter; torch: reads the live module
+
+    records = load_split(cfg, split, limit)
+    done = {row["id"] for row in read_predictions(out)} if out.is_file() else set()
+    todo = [(i, r) for i, r in enumerate(records) if r.id not in done]
+    written = 0
+    bar = progress(total=len(todo), desc=f"rollout {split}", unit="rec",
+                   disable=None if show_progress else True)
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start:start + chunk_size]
+        params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
+                                max_new_tokens=cfg.rollout.max_new_tokens,
+                                stop_ids=tok.stop_ids, seed=cfg.train.seed + chunk[0][0])
+        groups = engine.generate([prompt_ids(r, tok, cfg.data) for _, r in chunk], params)
+        rows = [prediction_row(r.id, g.text, parse_codes(g.text), g.sample_index)
+                for (_, r), group in zip(chunk, groups) for g in group]
+        written += write_predictions(rows, out, append=True)
+        bar.update(len(chunk))
+    bar.close()
+
+    first = {row["id"]: parse_codes(row["response"]).codes
+             for row in read_predictions(out) if row["sample_index"] == 0}
+    m = corpus_metrics([first.get(r.id, ()) for r in records], [r.codes for r in records])
+    return {"written": written, "skipped": len(records) - len(todo), "n_records": len(records),
+            **{k: float(m[k]) for k in ("micro_precision", "micro_recall", "micro_f1",
+                                        "macro_f1")}}

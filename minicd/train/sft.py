@@ -26,13 +26,11 @@ from minicd.algo.sft import collate_sft, sft_loss
 from minicd.checkpoint import (SigtermFlag, capture_rng, config_diff, load_checkpoint,
                                restore_rng, resume_checkpoint, save_checkpoint)
 from minicd.config import Config, dump_config
-from minicd.data.records import read_records
-from minicd.errors import ConfigError, DataError
+from minicd.errors import ConfigError
 from minicd.log import MetricsLogger, progress
-from minicd.model.hub import save_model
-from minicd.model.lora import save_adapter
-from minicd.train.common import (build_optimizer, build_policy, cosine_schedule, encode_record,
-                                 greedy_validate, prompt_ids)
+from minicd.train.common import (build_optimizer, build_policy, clip_grad_norm, cosine_schedule,
+                                 encode_record, export_policy, greedy_validate, load_split,
+                                 prompt_ids)
 
 MEGA_BATCH_MICRO_BATCHES = 50  # length grouping sorts within this many micro-batches
 
@@ -53,16 +51,6 @@ def epoch_micro_batches(lengths: list[int], micro_batch_size: int, seed: int, ep
     return out
 
 
-def _load_split(cfg: Config, split: str, limit: int | None):
-    path = Path(cfg.data.dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} not found (key data.dir = {cfg.data.dir!r}); prepare the dataset "
-                        "with `python -m minicd.data` and point data.dir at the folder holding "
-                        "train/val/test.jsonl")
-    recs = read_records(path)
-    return recs if limit is None else recs[:limit]
-
-
 def _check(cfg: Config) -> None:
     t, s = cfg.train, cfg.sft
     for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum",
@@ -76,14 +64,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"sft.epochs = {s.epochs}: must be > 0 (or set train.max_steps)")
     if not 0.0 <= s.warmup_ratio < 1.0:
         raise ConfigError(f"sft.warmup_ratio = {s.warmup_ratio}: must be in [0, 1)")
-
-
-def _clip(model: torch.nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 def run_sft(cfg: Config) -> dict:
@@ -103,8 +83,8 @@ def run_sft(cfg: Config) -> dict:
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
 
-    train_recs = _load_split(cfg, "train", cfg.data.train_limit)
-    val_recs = _load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
+    train_recs = load_split(cfg, "train", cfg.data.train_limit)
+    val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     examples = [encode_record(r, tok, cfg.data) for r in train_recs]
     lengths = [len(p) + len(c) for p, c in examples]
     val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
@@ -177,7 +157,7 @@ def run_sft(cfg: Config) -> dict:
                 loss = sft_loss(logp, mask, denom)
                 loss.backward()
                 loss_sum += -(logp.detach().double() * mask.double()).sum().cpu()
-            grad_norm = _clip(model, cfg.sft.grad_clip)
+            grad_norm = clip_grad_norm(model, cfg.sft.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -204,18 +184,7 @@ def run_sft(cfg: Config) -> dict:
                 save(step)
     bar.close()
     if not stopped:
-        _export(policy, out_dir, cfg.model.path)
+        export_policy(policy, out_dir, cfg.model.path)
     logger.close()
     return {"step": step, "stopped": stopped, **last}
 
-
-def _export(policy, out_dir: Path, base: str) -> None:
-    """Final weights: PEFT adapter at ``out_dir/adapter`` (LoRA) or ``out_dir/model`` (full FT)."""
-    weights = dist.full_state_dict(policy.model, trainable_only=policy.lora_cfg is not None)
-    if policy.info.is_main:
-        if policy.lora_cfg is not None:
-            save_adapter(None, out_dir / "adapter", policy.lora_cfg,
-                         base_model_name_or_path=base, state_dict=weights)
-        else:
-            save_model(policy.model, out_dir / "model", state_dict=weights)
-    dist.barrier()

@@ -1,0 +1,391 @@
+"""The GRPO stage loop (paper Sec. 4.2, Appendix E "GRPO"): sample-F1 reward, group advantages,
+clipped objective with a KL penalty to the reference policy (the policy with its adapter disabled).
+
+One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
+
+1. Draw B = ``grpo.prompts_per_step`` training records (global; rank r keeps the r-th slice of
+   B / world). The order is a permutation per epoch from ``numpy.random.default_rng([train.seed,
+   epoch])``, so it depends only on (seed, step): resuming needs nothing but the step. Each
+   record's prompt comes from a ``build_prompt(record, step, global_index)`` hook (default: the
+   hint-free coding prompt); PHI passes one that renders hinted prompts. All G rollouts of a
+   prompt share it.
+2. Push the policy into the rollout engine and check its weight version moved.
+3. Sample G = ``grpo.group_size`` responses per prompt. Seeds come from (train.seed, step) and the
+   GLOBAL prompt index, so one process and N processes draw the same samples (see
+   :func:`generate_groups`).
+4. Reward = sample F1 of the parsed codes against the full gold set (0 without a span).
+5. Group advantages (Eq. 1); old log-probs (the detached current ones with one update per batch,
+   else recomputed once before the updates); reference log-probs under ``disable_adapters``.
+6. Clipped objective + beta x KL (Eq. 2) per micro-batch, rescaled so the loss is the token mean
+   over the GLOBAL batch (all micro-batches and ranks); backward; clip; AdamW step (constant lr).
+7. Log, validate greedily every ``train.eval_every`` steps, checkpoint every ``train.save_every``
+   steps, on SIGTERM and at the end; the final adapter goes to ``output_dir/adapter``.
+
+Nothing here logs note or response text: only numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from minicd import dist
+from minicd.algo.grpo import group_advantages, policy_loss
+from minicd.algo.logprobs import model_token_logprobs
+from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
+from minicd.config import Config, GRPOConfig, dump_config
+from minicd.data.records import Record
+from minicd.errors import ConfigError
+from minicd.log import MetricsLogger, progress
+from minicd.metrics import corpus_metrics, sample_f1
+from minicd.model.lora import disable_adapters
+from minicd.parse import ParsedCodes, parse_codes
+from minicd.rollout.engine import Generation, SamplingParams
+from minicd.rollout.torch_engine import TorchEngine
+from minicd.train.common import (build_engine, build_optimizer, build_policy, clip_grad_norm,
+                                 export_policy, greedy_validate, load_split, prompt_ids,
+                                 resume_state)
+
+# (record, step, global prompt index) -> prompt token ids. PHI renders hinted prompts here.
+PromptBuilder = Callable[[Record, int, int], list[int]]
+ADV_SCALES = {"unbiased": ("std", True), "biased": ("std", False), "none": ("none", True)}
+
+
+# ------------------------------------------------------------------ 1. prompts
+def step_prompt_indices(n_records: int, prompts_per_step: int, seed: int, step: int) -> list[int]:
+    """Global indices of the B training records of ``step`` (0-based), deterministic in (seed, step).
+
+    Epoch e is ``default_rng([seed, e]).permutation(n_records)`` cut into ``n_records // B``
+    steps; leftover records at the end of an epoch are not used in that epoch.
+    """
+    steps_per_epoch = n_records // prompts_per_step
+    assert steps_per_epoch >= 1, (n_records, prompts_per_step)
+    epoch, index = divmod(step, steps_per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_records)
+    return perm[index * prompts_per_step:(index + 1) * prompts_per_step].tolist()
+
+
+def rank_shard(n_prompts: int, rank: int, world: int) -> range:
+    """The global prompt positions rank ``rank`` trains on (a contiguous slice of B / world)."""
+    per = n_prompts // world
+    return range(rank * per, (rank + 1) * per)
+
+
+# ------------------------------------------------------------------ 2-3. sync and sample
+def sync_engine(engine, model: nn.Module) -> int:
+    """Push the current policy into ``engine``; fail loudly if its weight version did not move
+    (the classic stale-weights rollout bug). Collective under FSDP2 for non-torch engines."""
+    before = engine.weight_version
+    if isinstance(engine, TorchEngine):  # samples with the live module: nothing to copy
+        version = engine.sync_policy(model)
+    else:
+        state = None
+        if dist.is_distributed():  # gather the (adapter) tensors; every rank has an engine
+            state = dist.broadcast_object(dist.full_state_dict(model))
+        version = engine.sync_policy(model, state_dict=state)
+    if engine.weight_version == before:
+        raise RuntimeError(f"rollout engine weight version stayed at {before} after sync_policy: "
+                           "generations would use stale weights")
+    return version
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """The sampling seed of ``step`` (a 32-bit value mixed from (train.seed, step))."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def generate_groups(engine, prompts: Sequence[Sequence[int]], shard: range,
+                    params: SamplingParams, seed: int) -> list[list[Generation]]:
+    """G = ``params.n`` samples for each prompt of ``shard`` (positions in the global ``prompts``).
+
+    The torch engine samples with the live (possibly FSDP2-sharded) module, whose forwards are
+    collective: every rank samples the whole global batch with the same seed (identical work and
+    results on every rank) and keeps its shard. Other engines (vLLM) sample only the shard;
+    their seed for global prompt j is ``seed + j * G`` (sample s: ``+ s``). Either way the
+    samples do not depend on the number of ranks.
+    """
+    if isinstance(engine, TorchEngine):
+        groups = engine.generate(prompts, dataclasses.replace(params, seed=seed))
+        return groups[shard.start:shard.stop]
+    mine = [prompts[j] for j in shard]
+    return engine.generate(mine, dataclasses.replace(params, seed=seed + shard.start * params.n))
+
+
+# ------------------------------------------------------------------ 4. reward
+def reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
+    """Sample F1 of the codes parsed from ``text`` against the FULL gold set; 0 with no span."""
+    parsed = parse_codes(text)
+    return (sample_f1(parsed.codes, gold) if parsed.has_span else 0.0), parsed
+
+
+# ------------------------------------------------------------------ 5-6. log-probs and update
+@dataclass
+class RolloutBatch:
+    """This rank's N = (B / world) x G rows, group by group: prompt, response (with its stop
+    token when one was generated) and advantage of each row."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    advantages: torch.Tensor  # [N]
+
+
+def collate_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                     pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``[left-padded prompt | right-padded response]``.
+
+    Returns input_ids ``[n, P + R]``, attention_mask ``[n, P + R]`` and response_mask ``[n, R]``
+    (1 on real response tokens), where P / R are the longest prompt / response. The last R
+    next-token targets of a row are exactly its response tokens (``model_token_logprobs(...,
+    last_n=R)``); positions come from the attention mask, so left padding is harmless.
+    """
+    n = len(prompts)
+    p_len, r_len = max(len(p) for p in prompts), max(len(r) for r in responses)
+    ids = torch.full((n, p_len + r_len), pad_id, dtype=torch.long)     # [n, P+R]
+    attn = torch.zeros(n, p_len + r_len, dtype=torch.long)             # [n, P+R]
+    resp_mask = torch.zeros(n, r_len)                                  # [n, R]
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, p_len - len(p):p_len] = torch.as_tensor(list(p), dtype=torch.long)
+        ids[i, p_len:p_len + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        attn[i, p_len - len(p):p_len + len(r)] = 1
+        resp_mask[i, :len(r)] = 1
+    return ids, attn, resp_mask
+
+
+def response_logprobs(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, r_len: int,
+                      with_entropy: bool = False):
+    """Per-token log-probs ``[n, R]`` (and entropies) of the response part of collated rows."""
+    return model_token_logprobs(model, ids, attn, last_n=r_len, with_entropy=with_entropy)
+
+
+def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
+                g: GRPOConfig, *, micro_batch_size: int, pad_id: int,
+                device: torch.device | str = "cpu") -> dict[str, float]:
+    """Steps 5-6: log-probs, then ``g.updates_per_batch`` optimizer steps on ``batch`` (Eq. 2).
+
+    The loss of each micro-batch (``policy_loss``, a mean over its own tokens or rows) is weighted
+    by its share of the GLOBAL token (token-mean) or row (seq-mean) count and multiplied by the
+    world size, because FSDP averages gradients over ranks: the summed gradient is that of the
+    global-batch loss, whatever the micro-batching and world size. Returns global floats: loss,
+    pg_loss, kl, clip fractions, approx_kl_old, ratio_mean, entropy, grad_norm (of the last
+    update), time_logp_s and time_update_s. Gradients of the last update stay in ``.grad``.
+    """
+    world = dist.get_world_size()
+    n = len(batch.prompts)
+    mbs = []  # (ids, attn, response mask, advantages, R) per micro-batch
+    for s in range(0, n, micro_batch_size):
+        ids, attn, mask = collate_rollouts(batch.prompts[s:s + micro_batch_size],
+                                           batch.responses[s:s + micro_batch_size], pad_id)
+        mbs.append((ids.to(device), attn.to(device), mask.to(device),
+                    batch.advantages[s:s + micro_batch_size].to(device), mask.shape[1]))
+    tokens = [float(m[2].sum()) for m in mbs]
+    rows = [float(m[2].shape[0]) for m in mbs]
+    global_tokens = float(dist.all_reduce_sum(sum(tokens)))
+    global_rows = float(dist.all_reduce_sum(sum(rows)))
+    # share of the global loss each micro-batch's own mean stands for (x world: FSDP averages)
+    agg_counts, agg_total = (tokens, global_tokens) if g.agg == "token-mean" else (rows, global_rows)
+    weights = [c / agg_total * world for c in agg_counts]
+    tok_share = [c / global_tokens for c in tokens]  # for per-token statistics
+
+    t0 = time.perf_counter()
+    ref, old = [None] * len(mbs), [None] * len(mbs)
+    with torch.no_grad():
+        if g.kl_coef != 0:  # reference policy = this model with its adapter disabled
+            with disable_adapters(model):
+                ref = [response_logprobs(model, ids, attn, r) for ids, attn, _, _, r in mbs]
+        if g.updates_per_batch > 1:  # old policy = the weights that sampled the batch
+            old = [response_logprobs(model, ids, attn, r) for ids, attn, _, _, r in mbs]
+    time_logp = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for update in range(g.updates_per_batch):
+        sums = dict.fromkeys(("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high",
+                              "dual_clip_frac", "approx_kl_old", "ratio_mean", "entropy"), 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        for k, (ids, attn, mask, adv, r) in enumerate(mbs):
+            if world > 1 and hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(k == len(mbs) - 1)
+            logp, entropy = response_logprobs(model, ids, attn, r, with_entropy=True)  # [b, R]
+            old_logp = logp.detach() if old[k] is None else old[k]
+            loss, stats = policy_loss(logp, old_logp, ref[k], adv, mask, g.clip_low, g.clip_high,
+                                      g.kl_coef, g.kl_kind, g.agg, g.dual_clip)
+            (loss * weights[k]).backward()
+            sums["loss"] += loss.item() * weights[k] / world
+            for key in ("pg_loss", "kl"):
+                sums[key] += stats[key] * weights[k] / world
+            for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl_old",
+                        "ratio_mean"):
+                sums[key] += stats[key] * tok_share[k]
+            sums["entropy"] += float((entropy.detach() * mask).sum()) / global_tokens
+        grad_norm = clip_grad_norm(model, g.grad_clip)
+        optimizer.step()
+    time_update = time.perf_counter() - t0
+    out = {k: float(dist.all_reduce_sum(v)) for k, v in sums.items()}
+    out.update(grad_norm=grad_norm, time_logp_s=time_logp, time_update_s=time_update)
+    return out
+
+
+# ------------------------------------------------------------------ the loop
+def _check(cfg: Config, world: int) -> None:
+    t, g = cfg.train, cfg.grpo
+    for key, value in (("grpo.group_size", g.group_size), ("grpo.prompts_per_step",
+                       g.prompts_per_step), ("grpo.updates_per_batch", g.updates_per_batch),
+                       ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
+                       ("train.keep_last", t.keep_last)):
+        if value < 1:
+            raise ConfigError(f"{key} = {value}: must be >= 1")
+    if g.prompts_per_step % world:
+        raise ConfigError(f"grpo.prompts_per_step = {g.prompts_per_step} is not divisible by the "
+                          f"{world} ranks; make it a multiple of the world size")
+    if g.adv_std not in ADV_SCALES:
+        raise ConfigError(f"grpo.adv_std = {g.adv_std!r}: expected one of {', '.join(ADV_SCALES)}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps = {t.max_steps}: must be >= 1 (or unset)")
+    if t.max_steps is None and not g.epochs > 0:
+        raise ConfigError(f"grpo.epochs = {g.epochs}: must be > 0 (or set train.max_steps)")
+    if not cfg.lora.enabled and g.kl_coef != 0:
+        raise ConfigError("grpo.kl_coef != 0 needs lora.enabled = true: the reference policy is "
+                          "the model with its adapter disabled; set grpo.kl_coef = 0 for full "
+                          "fine-tuning")
+
+
+def _batch_stats(gens: list[Generation], rewards: list[float], parsed: list[ParsedCodes],
+                 golds: list[tuple[str, ...]], group_size: int) -> dict[str, float]:
+    """Reward, F1 and length statistics of the global batch (gathered from every rank)."""
+    local = {"rewards": rewards, "codes": [p.codes for p in parsed], "golds": golds,
+             "span": [p.has_span for p in parsed], "lengths": [len(x.token_ids) for x in gens],
+             "truncated": [x.finish_reason == "length" for x in gens]}
+    parts = dist.all_gather_objects(local)
+    every = {k: [v for part in parts for v in part[k]] for k in local}
+    r = np.asarray(every["rewards"], dtype=np.float64)
+    groups = r.reshape(-1, group_size)
+    micro = corpus_metrics(every["codes"], every["golds"])["micro_f1"]
+    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()),
+            "zero_var_frac": float(np.mean(groups.max(1) == groups.min(1))),
+            "batch_micro_f1": float(micro), "span_rate": float(np.mean(every["span"])),
+            "response_len_mean": float(np.mean(every["lengths"])),
+            "truncation_rate": float(np.mean(every["truncated"])),
+            "response_tokens": int(sum(every["lengths"]))}
+
+
+def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None) -> dict:
+    """Train with GRPO as configured; return the last step's metrics (plus ``step``, ``stopped``).
+
+    ``build_prompt(record, step, global_index) -> prompt ids`` (default: the hint-free prompt)
+    lets PHI render hinted prompts; it must be deterministic in its arguments.
+    Writes ``output_dir/metrics.jsonl`` (one line per step with: reward_mean, reward_std,
+    batch_micro_f1, zero_var_frac, span_rate, loss, pg_loss, kl, entropy, clip_frac_low,
+    clip_frac_high, dual_clip_frac, approx_kl_old, ratio_mean, response_len_mean,
+    truncation_rate, response_tokens, grad_norm, lr, time_gen_s, time_logp_s, time_update_s,
+    step_time_s, tokens_per_s, epoch; ``val/...`` keys every ``train.eval_every`` steps and at
+    the end), checkpoints under ``output_dir/checkpoints`` and the final adapter.
+    """
+    t, g, ro = cfg.train, cfg.grpo, cfg.rollout
+    info = dist.init_distributed(t.device)
+    _check(cfg, info.world_size)
+    policy = build_policy(cfg, info)
+    model, tok = policy.model, policy.tokenizer
+    out_dir = Path(t.output_dir)
+
+    train_recs = load_split(cfg, "train", cfg.data.train_limit)
+    val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
+    val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
+    B, G = g.prompts_per_step, g.group_size
+    steps_per_epoch = len(train_recs) // B
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{len(train_recs)} training records do not fill one step of "
+                          f"grpo.prompts_per_step = {B}; lower it or add data")
+    total = t.max_steps if t.max_steps is not None else math.ceil(g.epochs * steps_per_epoch)
+    if build_prompt is None:
+        cache: dict[int, list[int]] = {}
+
+        def build_prompt(rec: Record, step: int, index: int) -> list[int]:
+            if id(rec) not in cache:
+                cache[id(rec)] = prompt_ids(rec, tok, cfg.data)
+            return cache[id(rec)]
+
+    optimizer = build_optimizer(model, g.lr, g.weight_decay)  # constant lr, as the release
+    engine = build_engine(cfg, model, tok, policy.lora_cfg)
+    params = SamplingParams(n=G, temperature=ro.temperature, top_p=ro.top_p,
+                            max_new_tokens=ro.max_new_tokens, stop_ids=tok.stop_ids)
+    scale, unbiased = ADV_SCALES[g.adv_std]
+    shard = rank_shard(B, info.rank, info.world_size)
+    config_text = dump_config(cfg)
+    step = 0
+    if t.resume:
+        step, _ = resume_state(cfg, model, optimizer, config_text=config_text,
+                               is_main=info.is_main)
+    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=info.is_main,
+                           tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
+                           config=cfg.to_dict())
+    last: dict = {}
+    stopped = False
+
+    def save(at: int) -> None:
+        save_checkpoint(out_dir, at, model=model, optimizer=optimizer, lora_cfg=policy.lora_cfg,
+                        config_text=config_text, rng=capture_rng(),
+                        trainer_state={"epoch": at / steps_per_epoch, "metrics": last},
+                        keep_last=t.keep_last)
+
+    model.train()
+    bar = progress(total=total, desc="grpo", unit="step", disable=None if info.is_main else True)
+    bar.update(step)
+    with SigtermFlag() as flag:
+        while step < total:
+            t_step = time.perf_counter()
+            # 1. this step's B records (global order) and their prompts
+            records = [train_recs[i] for i in step_prompt_indices(len(train_recs), B, t.seed, step)]
+            prompts = [build_prompt(rec, step, j) for j, rec in enumerate(records)]
+            # 2. push the policy into the engine
+            sync_engine(engine, model)
+            # 3. G samples per prompt of this rank's shard, group by group
+            t0 = time.perf_counter()
+            groups = generate_groups(engine, prompts, shard, params, rollout_seed(t.seed, step))
+            time_gen = time.perf_counter() - t0
+            gens = [x for group in groups for x in group]                       # [N]
+            golds = [records[j].codes for j in shard for _ in range(G)]          # [N]
+            # 4. rewards
+            scored = [reward(x.text, gold) for x, gold in zip(gens, golds)]
+            rewards = [r for r, _ in scored]
+            # 5-6. advantages (Eq. 1), log-probs, clipped objective (Eq. 2), optimizer step
+            advantages = group_advantages(torch.tensor(rewards), G, unbiased=unbiased,
+                                          scale=scale)                           # [N]
+            batch = RolloutBatch([list(prompts[j]) for j in shard for _ in range(G)],
+                                 [x.token_ids for x in gens], advantages)
+            lr = optimizer.param_groups[0]["lr"]
+            upd = grpo_update(model, optimizer, batch, g, micro_batch_size=t.micro_batch_size,
+                              pad_id=tok.pad_id, device=info.device)
+            step += 1
+            # 7. log, validate, checkpoint
+            dt = time.perf_counter() - t_step
+            stats = _batch_stats(gens, rewards, [p for _, p in scored], golds, G)
+            all_tokens = float(dist.all_reduce_sum(float(sum(len(p) for p in batch.prompts))))
+            last = {**stats, **upd, "lr": lr, "time_gen_s": time_gen, "step_time_s": dt,
+                    "tokens_per_s": (all_tokens + stats["response_tokens"]) / max(dt, 1e-9),
+                    "epoch": step / steps_per_epoch}
+            if val_recs and (step % t.eval_every == 0 or step == total):
+                last.update(greedy_validate(model, tok, val_recs, cfg.data, ro.max_new_tokens,
+                                            prompts=val_prompts))
+                model.train()
+            logger.log(last, step=step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}")
+            if flag.any_rank():
+                save(step)
+                stopped = True
+                break
+            if step % t.save_every == 0 or step == total:
+                save(step)
+    bar.close()
+    if not stopped:
+        export_policy(policy, out_dir, cfg.model.path)
+    logger.close()
+    return {"step": step, "stopped": stopped, **last}

@@ -1,0 +1,315 @@
+"""GRPO stage loop on a tiny from-scratch Qwen3 and a small synthetic MIMIC-III set.
+
+Most runs use a scripted rollout engine (responses drawn from a fixed pool of code answers with
+per-(prompt, sample) seeds, as the vLLM engine seeds them), so rewards vary within groups and the
+adapter moves; one CLI run uses the real torch engine end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minicd.train.grpo as grpo
+from minicd.algo.grpo import policy_loss
+from minicd.algo.logprobs import model_token_logprobs
+from minicd.config import GRPOConfig, load_config
+from minicd.data.records import read_records
+from minicd.log import read_metrics
+from minicd.model.hub import load_model, load_tokenizer
+from minicd.model.lora import LoRAConfig, disable_adapters, inject_lora, lora_modules
+from minicd.rollout.engine import Generation
+from minicd.train.common import prompt_ids
+from train_fixtures import build_assets
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_KEYS = {"step", "reward_mean", "reward_std", "batch_micro_f1", "zero_var_frac", "span_rate",
+             "loss", "pg_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high",
+             "dual_clip_frac", "approx_kl_old", "ratio_mean", "response_len_mean",
+             "truncation_rate", "response_tokens", "grad_norm", "lr", "time_gen_s", "time_logp_s",
+             "time_update_s", "step_time_s", "tokens_per_s", "epoch"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    built = build_assets(root)
+    config = root / "grpo.toml"
+    config.write_text(f"""
+[model]
+path = "{built['model_dir']}"
+[lora]
+r = 4
+alpha = 8.0
+[data]
+dir = "{built['data_dir']}"
+max_prompt_tokens = 256
+train_limit = 12
+val_limit = 0
+[train]
+seed = 0
+device = "cpu"
+micro_batch_size = 3
+eval_every = 2
+save_every = 2
+keep_last = 3
+[grpo]
+group_size = 4
+prompts_per_step = 2
+lr = 5e-2
+kl_coef = 0.1
+[rollout]
+max_new_tokens = 6
+""")
+    train = read_records(built["data_dir"] / "train.jsonl")[:12]
+    top = [c for c, _ in Counter(c for r in train for c in r.codes).most_common(4)]
+    pool = [f"<code>{top[0]}</code>", f"<code>{top[0]}, {top[1]}</code>", f"<code>{top[2]}</code>",
+            "no answer", f"<code>{top[1]}, {top[3]}, 999.9</code>"]
+    return {"config": config, "train": train, "pool": pool,
+            "tok": load_tokenizer(built["model_dir"])}
+
+
+def _cfg(assets, out: Path, *overrides: str):
+    return load_config(assets["config"], [f"train.output_dir={json.dumps(str(out))}", *overrides])
+
+
+class PoolEngine:
+    """Scripted engine: sample s of prompt i gets pool[rng(seed + i*n + s)]; "no answer" is a
+    length-truncated response (no stop token), the others end with <|im_end|>."""
+
+    def __init__(self, tok, pool):
+        self.tok, self.pool, self.version, self.calls = tok, pool, 0, []
+
+    @property
+    def weight_version(self):
+        return self.version
+
+    def sync_policy(self, model, state_dict=None):
+        self.version += 1
+        return self.version
+
+    def text(self, seed: int) -> str:
+        return self.pool[int(np.random.default_rng(seed).integers(len(self.pool)))]
+
+    def generate(self, prompts, params):
+        self.calls.append((len(prompts), params.seed))
+        out = []
+        for i, _ in enumerate(prompts):
+            row = []
+            for s in range(params.n):
+                text = self.text(params.seed + i * params.n + s)
+                stop = text != "no answer"
+                ids = self.tok.encode(text) + ([self.tok.im_end_id] if stop else [])
+                row.append(Generation(i, s, ids, text, "stop" if stop else "length"))
+            out.append(row)
+        return out
+
+
+@pytest.fixture
+def pool_engine(assets, monkeypatch):
+    engines = []
+
+    def build(cfg, model, tok, lora_cfg):
+        engines.append(PoolEngine(tok, assets["pool"]))
+        return engines[-1]
+
+    monkeypatch.setattr(grpo, "build_engine", build)
+    return engines
+
+
+def _f1(pred: set, gold: set) -> float:
+    return 2 * len(pred & gold) / (len(pred) + len(gold)) if pred or gold else 1.0
+
+
+def _codes(text: str) -> set:
+    if "<code>" not in text:
+        return set()
+    return {c.strip() for c in text.split("<code>")[1].split("</code>")[0].split(",")}
+
+
+def test_step_prompt_indices_cover_an_epoch_without_repeats():
+    steps = [grpo.step_prompt_indices(10, 3, seed=4, step=s) for s in range(3)]
+    flat = [i for s in steps for i in s]
+    assert all(len(s) == 3 for s in steps) and len(set(flat)) == 9 and set(flat) <= set(range(10))
+    assert steps[0] == grpo.step_prompt_indices(10, 3, seed=4, step=0)
+    assert grpo.step_prompt_indices(10, 3, seed=4, step=3) != steps[0]      # epoch 1 reshuffles
+    assert grpo.step_prompt_indices(10, 3, seed=5, step=0) != steps[0]
+    assert grpo.rank_shard(4, 1, 2) == range(2, 4) and grpo.rank_shard(4, 0, 1) == range(0, 4)
+
+
+def test_one_step_rewards_by_hand(assets, pool_engine, tmp_path):
+    out = tmp_path / "one"
+    res = grpo.run_grpo(_cfg(assets, out, "train.max_steps=1"))
+    engine = pool_engine[0]
+    seed = grpo.rollout_seed(0, 0)
+    assert engine.calls == [(2, seed)] and engine.version == 1
+    recs = [assets["train"][i] for i in grpo.step_prompt_indices(12, 2, 0, 0)]
+    texts = [[engine.text(seed + j * 4 + s) for s in range(4)] for j in range(2)]
+    rewards = [_f1(_codes(t), set(r.codes)) if "<code>" in t else 0.0
+               for r, row in zip(recs, texts) for t in row]
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert STEP_KEYS <= set(row)
+    assert row["reward_mean"] == pytest.approx(sum(rewards) / 8, abs=1e-12)
+    assert row["reward_std"] == pytest.approx(float(np.std(rewards)), abs=1e-12)
+    flat = [t for r in texts for t in r]
+    assert row["truncation_rate"] == pytest.approx(flat.count("no answer") / 8)
+    assert row["span_rate"] == pytest.approx(1 - flat.count("no answer") / 8)
+    lengths = [len(assets["tok"].encode(t)) + (t != "no answer") for t in flat]
+    assert row["response_len_mean"] == pytest.approx(sum(lengths) / 8)
+    zero = sum(max(rewards[4 * j:4 * j + 4]) == min(rewards[4 * j:4 * j + 4]) for j in range(2))
+    assert row["zero_var_frac"] == pytest.approx(zero / 2)
+    # batch micro F1 in the label space of the batch's gold codes
+    space = {c for r in recs for c in r.codes}
+    tp = fp = fn = 0
+    for r, row_texts in zip(recs, texts):
+        for t in row_texts:
+            pred, gold = _codes(t) & space, set(r.codes)
+            tp, fp, fn = tp + len(pred & gold), fp + len(pred - gold), fn + len(gold - pred)
+    assert row["batch_micro_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert res["step"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _update_inputs(assets, seed: int = 0):
+    """A LoRA model with a nonzero adapter and a hand-made rollout batch (2 prompts x G = 3)."""
+    cfg = load_config(assets["config"])
+    model = load_model(cfg.model.path)
+    inject_lora(model, LoRAConfig(r=4, alpha=8.0), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)
+    tok = assets["tok"]
+    prompts = [prompt_ids(r, tok, cfg.data) for r in assets["train"][:2]]
+    lengths = [3, 5, 2, 4, 1, 6]
+    responses = [torch.randint(5, tok.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    batch = grpo.RolloutBatch([prompts[i // 3] for i in range(6)], responses,
+                              torch.tensor([1.0, -0.5, -0.5, 0.7, 0.0, -0.7]))
+    return model, batch
+
+
+def _reference_loss(model, batch, g: GRPOConfig) -> torch.Tensor:
+    """Eq. (2) on the whole batch at once, each row run alone (no padding at all)."""
+    n, r_max = len(batch.responses), max(len(r) for r in batch.responses)
+    logp, ref, mask = torch.zeros(n, r_max), torch.zeros(n, r_max), torch.zeros(n, r_max)
+    rows = []
+    for i, (p, r) in enumerate(zip(batch.prompts, batch.responses)):
+        ids = torch.tensor([p + r])
+        rows.append(model_token_logprobs(model, ids, last_n=len(r))[0])
+        with torch.no_grad(), disable_adapters(model):
+            ref[i, :len(r)] = model_token_logprobs(model, ids, last_n=len(r))[0]
+        mask[i, :len(r)] = 1
+    logp = torch.stack([torch.cat([x, x.new_zeros(r_max - len(x))]) for x in rows])
+    loss, _ = policy_loss(logp, logp.detach(), ref, batch.advantages, mask, g.clip_low,
+                          g.clip_high, g.kl_coef, g.kl_kind, g.agg, g.dual_clip)
+    return loss
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+def test_update_equals_whole_batch_loss_and_is_micro_batch_invariant(assets, agg):
+    g = GRPOConfig(kl_coef=0.1, grad_clip=0.0, agg=agg, lr=1e-3, weight_decay=0.0)
+    model, batch = _update_inputs(assets)
+    ref_model = copy.deepcopy(model)
+    expected = _reference_loss(ref_model, batch, g)
+    expected.backward()
+    results, grads, adapters = [], [], []
+    for mbs in (6, 4, 1):  # one micro-batch, uneven 4 + 2, six of one row
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=g.lr,
+                                weight_decay=0.0)
+        results.append(grpo.grpo_update(m, opt, batch, g, micro_batch_size=mbs, pad_id=0))
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+        adapters.append({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+    for res in results:
+        assert res["loss"] == pytest.approx(expected.item(), abs=1e-6)
+        assert res["kl"] > 0 and res["ratio_mean"] == pytest.approx(1.0)
+    ref_grads = {n: p.grad for n, p in ref_model.named_parameters() if p.requires_grad}
+    assert any(v.abs().max() > 1e-4 for v in ref_grads.values())
+    for gr, ad in zip(grads[1:], adapters[1:]):
+        for name in gr:
+            torch.testing.assert_close(gr[name], grads[0][name], rtol=0, atol=1e-6)
+            torch.testing.assert_close(ad[name], adapters[0][name], rtol=0, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[0][name], ref_grads[name], rtol=0, atol=1e-6)
+
+
+def test_two_updates_per_batch_use_recomputed_old_logprobs(assets):
+    g = GRPOConfig(kl_coef=0.0, grad_clip=0.0, lr=1e-2, updates_per_batch=2, clip_high=0.0,
+                   clip_low=0.0)
+    model, batch = _update_inputs(assets, seed=3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr)
+    res = grpo.grpo_update(model, opt, batch, g, micro_batch_size=4, pad_id=0)
+    # second update: ratios moved away from 1 against the old policy; with a zero clip range
+    # every token whose ratio moved in the advantage's direction is clipped
+    assert res["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+    assert res["approx_kl_old"] > 0
+    assert res["clip_frac_low"] + res["clip_frac_high"] > 0
+
+
+def test_run_checkpoint_kl_and_exact_resume(assets, pool_engine, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    res = grpo.run_grpo(_cfg(assets, full, "train.max_steps=4"))
+    rows = read_metrics(full / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and res["step"] == 4
+    for r in rows:
+        assert STEP_KEYS <= set(r) and r["lr"] == pytest.approx(5e-2)
+        assert 0 <= r["reward_mean"] <= 1 and r["response_tokens"] > 0
+    # zero-initialised LoRA B: the policy IS the reference at step 1, so the KL is exactly 0;
+    # after updates it is not
+    assert rows[0]["kl"] == 0.0
+    assert rows[-1]["kl"] > 0
+    ckpts = sorted(p.name for p in (full / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-00000002", "step-00000004"]
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    assert a and all(k.startswith("base_model.model.") for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    # the same run stopped after its step-2 checkpoint, then resumed
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step-00000004")
+    shutil.rmtree(part / "adapter")
+    grpo.run_grpo(_cfg(assets, part, "train.max_steps=4", "train.resume=true"))
+    b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    resumed = read_metrics(part / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 3, 4]
+    assert resumed[-1]["reward_mean"] == rows[-1]["reward_mean"]
+
+
+def test_engine_must_advance_weight_version():
+    class Stale:
+        weight_version = 3
+
+        def sync_policy(self, model, state_dict=None):
+            return 3
+
+    with pytest.raises(RuntimeError, match="stale"):
+        grpo.sync_engine(Stale(), torch.nn.Linear(1, 1))
+
+
+def test_cli_grpo_with_torch_engine(assets, tmp_path):
+    out = tmp_path / "cli"
+    env = {**os.environ, "MINICD_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--stage", "grpo", "--config",
+                           str(assets["config"]), f"train.output_dir={out}", "train.max_steps=1",
+                           "data.val_limit=2", "train.num_threads=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert STEP_KEYS <= set(row) and 0.0 <= row["val/micro_f1"] <= 1.0
+    assert row["kl"] == 0.0  # zero-initialised B: real rollouts, reference == policy
+    assert 1 <= row["response_len_mean"] <= 6 and row["response_tokens"] > 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    note = assets["train"][0].note
+    assert note[:40] not in (out / "metrics.jsonl").read_text()
