@@ -41,6 +41,10 @@ class LoRAConfigSection:
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     init_adapter: str | None = None    # PEFT adapter dir to start from (GRPO/PHI: the SFT adapter)
+    init_mode: str = "merge"           # merge: fold init_adapter into the base and train a fresh
+                                       #   adapter (reference policy = the init policy, as in the
+                                       #   release); continue: keep training init_adapter itself
+                                       #   (reference = the base model without any adapter)
 
 
 @dataclass

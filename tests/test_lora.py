@@ -495,3 +495,21 @@ def test_lora_dtype_follows_base_unless_given():
     xf = x.float()
     expected = xf @ w.T + lin.bias.float() + 2.0 * (xf @ a.T @ b.T)
     torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_unload_merges_and_leaves_plain_linears(ckpt):
+    _, path = ckpt
+    model = _adapted(path)
+    adapted = _logits(model, IDS)
+    names = L.unload_lora(model, merge=True)
+    assert len(names) > 0 and not L.lora_modules(model)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert not any("lora_" in k for k in model.state_dict())
+    torch.testing.assert_close(_logits(model, IDS), adapted, rtol=0, atol=1e-5)
+    # a fresh adapter on top starts as the identity of the merged (e.g. SFT) policy
+    L.inject_lora(model, L.LoRAConfig(r=4), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(model, IDS), adapted, rtol=0, atol=1e-5)
+    base = _minicd(path)
+    dropped = _adapted(path)
+    L.unload_lora(dropped, merge=False)
+    assert torch.equal(_logits(dropped, IDS), _logits(base, IDS))

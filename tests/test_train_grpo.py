@@ -76,7 +76,7 @@ max_new_tokens = 6
     top = [c for c, _ in Counter(c for r in train for c in r.codes).most_common(4)]
     pool = [f"<code>{top[0]}</code>", f"<code>{top[0]}, {top[1]}</code>", f"<code>{top[2]}</code>",
             "no answer", f"<code>{top[1]}, {top[3]}, 999.9</code>"]
-    return {"config": config, "train": train, "pool": pool,
+    return {"config": config, "train": train, "pool": pool, "model_dir": built["model_dir"],
             "tok": load_tokenizer(built["model_dir"])}
 
 
@@ -313,3 +313,38 @@ def test_cli_grpo_with_torch_engine(assets, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     note = assets["train"][0].note
     assert note[:40] not in (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("mode", ["merge", "continue"])
+def test_policy_from_a_previous_adapter_and_its_reference(assets, tmp_path, mode):
+    """merge: the adapter-disabled reference is the previous stage's (SFT) policy;
+    continue: it is the base model."""
+    from minicd import dist
+    from minicd.model.hub import load_model
+    from minicd.model.lora import LoRAConfig, disable_adapters, inject_lora, save_adapter
+    from minicd.train.common import build_policy
+
+    sft = load_model(assets["model_dir"])
+    inject_lora(sft, LoRAConfig(r=4, alpha=8.0), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(sft, tmp_path / "sft_adapter", LoRAConfig(r=4, alpha=8.0))
+    base = load_model(assets["model_dir"]).eval()
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sft_logits, base_logits = sft.eval()(ids), base(ids)
+    assert (sft_logits - base_logits).abs().max() > 1e-3
+
+    cfg = _cfg(assets, tmp_path / "out", f"lora.init_adapter={json.dumps(str(tmp_path / 'sft_adapter'))}",
+               f"lora.init_mode={mode}")
+    policy = build_policy(cfg, dist.init_distributed("cpu"))
+    model = policy.model.eval()
+    with torch.no_grad():
+        start = model(ids)
+        with disable_adapters(model):
+            ref = model(ids)
+    torch.testing.assert_close(start, sft_logits, rtol=0, atol=1e-5)   # starts at the SFT policy
+    expected_ref = sft_logits if mode == "merge" else base_logits
+    torch.testing.assert_close(ref, expected_ref, rtol=0, atol=1e-5)

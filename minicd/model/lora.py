@@ -393,6 +393,32 @@ def unmerge_lora(model: nn.Module) -> list[str]:
     return done
 
 
+@torch.no_grad()
+def unload_lora(model: nn.Module, merge: bool = True) -> list[str]:
+    """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` over the same base Parameters.
+
+    ``merge=True`` folds the adapter into the base weight first (the model then computes what it
+    computed with the adapter); ``merge=False`` drops the adapter. Base parameters keep their
+    ``requires_grad`` flags. Returns the module names replaced. Used to start a new adapter on
+    top of a previous stage's (GRPO/PHI from the SFT adapter: the reference policy is then the
+    SFT policy, as in the paper's release).
+    """
+    done = []
+    for raw_name, m in list(model.named_modules()):
+        if not isinstance(m, LoRALinear):
+            continue
+        if merge and not m.merged:
+            m.weight.copy_((m.weight.float() + m.delta_weight()).to(m.weight.dtype))
+        elif not merge and m.merged:
+            m.weight.copy_((m.weight.float() - m.delta_weight()).to(m.weight.dtype))
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias
+        plain.train(m.training)
+        _set_child(model, raw_name, plain)
+        done.append(_clean_name(raw_name))
+    return done
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base state dict with LoRA folded in and LoRA keys dropped; the model is unchanged."""
     layers = lora_modules(model)

@@ -26,7 +26,7 @@ from minicd.errors import ConfigError, DataError
 from minicd.log import progress
 from minicd.metrics import corpus_metrics
 from minicd.model.hub import load_model, load_tokenizer, save_model
-from minicd.model.lora import LoRAConfig, inject_lora, load_adapter, save_adapter
+from minicd.model.lora import LoRAConfig, inject_lora, load_adapter, save_adapter, unload_lora
 from minicd.model.tokenizer import Tokenizer, encode_example, encode_prompt
 from minicd.parse import format_answer, parse_codes
 from minicd.prompts import PromptSetting, coding_prompt
@@ -52,7 +52,10 @@ def build_policy(cfg: Config, info: dist.DistInfo) -> Policy:
 
     ``model.dtype = "auto"`` means float32 on CPU and the checkpoint's dtype on accelerators.
     LoRA A matrices are drawn from a generator seeded with ``train.seed`` (B starts at zero);
-    ``lora.init_adapter`` loads a PEFT adapter instead. Under torchrun the model is FSDP2-sharded.
+    ``lora.init_adapter`` starts from a previous stage's PEFT adapter: ``lora.init_mode = "merge"``
+    folds it into the base weights and trains a fresh adapter on top (so the adapter-disabled
+    reference policy is the previous stage's policy, e.g. SFT for GRPO), ``"continue"`` keeps
+    training it (reference = the base model). Under torchrun the model is FSDP2-sharded.
     """
     if not cfg.model.path:
         raise ConfigError("model.path is empty: set it to a local HF-format dir or a hub id "
@@ -63,9 +66,14 @@ def build_policy(cfg: Config, info: dist.DistInfo) -> Policy:
     lora_cfg = None
     if cfg.lora.enabled:
         lc = cfg.lora
-        if lc.init_adapter:
+        if lc.init_mode not in ("merge", "continue"):
+            raise ConfigError(f"lora.init_mode = {lc.init_mode!r}: expected 'merge' or 'continue'")
+        if lc.init_adapter and lc.init_mode == "continue":
             lora_cfg = load_adapter(model, lc.init_adapter)
         else:
+            if lc.init_adapter:  # fold the previous stage's adapter into the base weights
+                load_adapter(model, lc.init_adapter)
+                unload_lora(model, merge=True)
             lora_cfg = LoRAConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
                                   target_modules=tuple(lc.target_modules))
             inject_lora(model, lora_cfg, generator=torch.Generator().manual_seed(cfg.train.seed))
