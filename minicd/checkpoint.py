@@ -396,8 +396,6 @@ def config_diff(old_text: str, new_text: str) -> list[str]:
 
 
 _MISSING = object()
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def export_merged(model: nn.Module, out_dir: str | os.PathLike, *,
@@ -408,7 +406,7 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *,
     ``tokenizer_dir``: copy its tokenizer files next to the weights so the export is servable.
     Returns ``out_dir`` on rank 0, None elsewhere.
     """
-    from minicd.model.hub import save_model
+    from minicd.model.hub import copy_tokenizer_files, save_model
     from minicd.model.lora import merged_state_dict
 
     if dist.is_distributed():
@@ -431,10 +429,7 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *,
         merged = merged_state_dict(model)
     out = save_model(model, out_dir, dtype=dtype, state_dict=merged)
     if tokenizer_dir is not None:
-        for fname in _TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / fname
-            if src.is_file():
-                shutil.copyfile(src, out / fname)
+        copy_tokenizer_files(tokenizer_dir, out)
     dist.barrier()
     return out
 

@@ -222,3 +222,8 @@ def test_full_finetune_writes_model(assets, tmp_path):
     diff = [n for n, p in tuned.named_parameters()
             if not torch.equal(p, dict(base.named_parameters())[n])]
     assert len(diff) > 0
+    # the export is standalone: the next stage can use it as model.path (tokenizer included)
+    from minicd.model.hub import load_tokenizer
+    base_dir = load_config(assets["config"]).model.path
+    assert load_tokenizer(out / "model").encode("discharge diagnosis") == \
+        load_tokenizer(base_dir).encode("discharge diagnosis")

@@ -148,6 +148,22 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | No
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy a checkpoint's tokenizer files (those present) next to exported weights, so the
+    export loads on its own in minicd, transformers and vLLM. Returns the names copied."""
+    copied = []
+    for fname in TOKENIZER_FILES:
+        src = Path(src_dir) / fname
+        if src.is_file():
+            shutil.copyfile(src, Path(dst_dir) / fname)
+            copied.append(fname)
+    return copied
+
+
 def load_tokenizer(path_or_repo_id: str | os.PathLike, template: str | None = None):
     """The tokenizer of a checkpoint (local dir or hub repo id) with its chat template.
 

@@ -25,7 +25,8 @@ from minicd.data.truncate import fit_prompt
 from minicd.errors import ConfigError, DataError
 from minicd.log import progress
 from minicd.metrics import corpus_metrics
-from minicd.model.hub import load_model, load_tokenizer, save_model
+from minicd.model.hub import (copy_tokenizer_files, load_model, load_tokenizer, resolve_checkpoint,
+                              save_model)
 from minicd.model.lora import LoRAConfig, inject_lora, load_adapter, save_adapter, unload_lora
 from minicd.model.tokenizer import Tokenizer, encode_example, encode_prompt
 from minicd.parse import format_answer, parse_codes
@@ -134,8 +135,9 @@ def export_policy(policy: Policy, out_dir: Path, base: str) -> None:
         if policy.lora_cfg is not None:
             save_adapter(None, out_dir / "adapter", policy.lora_cfg,
                          base_model_name_or_path=base, state_dict=weights)
-        else:
+        else:  # full fine-tuning: a standalone HF-format model with its tokenizer
             save_model(policy.model, out_dir / "model", state_dict=weights)
+            copy_tokenizer_files(resolve_checkpoint(base), out_dir / "model")
     dist.barrier()
 
 
