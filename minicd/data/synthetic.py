@@ -56,7 +56,7 @@ from typing import Sequence
 import numpy as np
 
 from minicd.codes import format_code
-from minicd.errors import ConfigError
+from minicd.errors import ConfigError, MinicdError
 
 __all__ = ["SyntheticSpec", "VocabEntry", "Vocab", "SyntheticAdmission", "build_vocab",
            "generate", "find_mentions", "write_mimic3", "write_mimic4", "main"]
@@ -913,11 +913,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-words", type=int, default=SyntheticSpec.min_words)
     ap.add_argument("--max-words", type=int, default=SyntheticSpec.max_words)
+    ap.add_argument("--max-codes", type=int, default=SyntheticSpec.max_codes,
+                    help="most codes per admission (short notes need fewer)")
     args = ap.parse_args(argv)
-    spec = SyntheticSpec(n_admissions=args.n, seed=args.seed, min_words=args.min_words,
-                         max_words=args.max_words)
     write = write_mimic3 if args.source == "mimic3" else write_mimic4
-    manifest = write(args.out, spec)
+    try:
+        spec = SyntheticSpec(n_admissions=args.n, seed=args.seed, min_words=args.min_words,
+                             max_words=args.max_words, max_codes=args.max_codes)
+        manifest = write(args.out, spec)
+    except MinicdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in manifest.items() if k not in ("vocab", "spec")}, indent=1))
     return 0
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from minicd import dist
+from minicd.baselines import BaselinePrompter, check_kind, needs_shots
 from minicd.checkpoint import config_diff, load_checkpoint, restore_rng, resume_checkpoint
 from minicd.config import Config, DataConfig
 from minicd.data.records import Record, read_records
@@ -235,7 +236,8 @@ def greedy_validate(model: nn.Module, tok: Tokenizer, records: Sequence[Record],
 
 def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None = None,
                 temperature: float = 0.0, n: int = 1, limit: int | None = None,
-                chunk_size: int = 64, show_progress: bool = True) -> dict:
+                chunk_size: int = 64, show_progress: bool = True,
+                prompt_kind: str | None = None) -> dict:
     """Batch inference on ``data.dir/<split>.jsonl``: write a predictions JSONL and score it.
 
     The policy is ``model.path`` plus ``adapter`` (default ``lora.init_adapter``; None: the bare
@@ -244,12 +246,16 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
     (``minicd.predictions.prediction_row``) are appended chunk by chunk (``chunk_size`` records),
     so an interrupted run keeps its finished chunks; records whose id is already in ``out`` are
     skipped (resume). Sampled runs seed each chunk with ``train.seed`` + the position of its first
-    record in the split. Returns ``{"written", "skipped", "n_records", "micro_f1", ...}``: corpus
+    record in the split. ``prompt_kind``: None for the fixed coding instruction (SFT/GRPO/PHI),
+    or an Appendix D baseline ("zero_shot", "few_shot", "zero_shot_cot", "few_shot_cot"; see
+    ``minicd.baselines``: few-shot examples come from the train split). Returns ``{"written", "skipped", "n_records", "micro_f1", ...}``: corpus
     metrics of sample 0 of every record (a record with no row counts as an empty prediction).
     """
     from minicd.predictions import prediction_row, read_predictions, write_predictions
 
     out = Path(out)
+    if prompt_kind is not None:
+        check_kind(prompt_kind)
     info = dist.init_distributed(cfg.train.device)
     dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
     model = load_model(cfg.model.path, dtype=dtype, device=info.device)
@@ -262,6 +268,11 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
         engine.sync_policy(model)  # vLLM: push the adapter; torch: reads the live module
 
     records = load_split(cfg, split, limit)
+    if prompt_kind is None:
+        encode = lambda recs: [prompt_ids(r, tok, cfg.data) for r in recs]  # noqa: E731
+    else:
+        train = load_split(cfg, "train") if needs_shots(prompt_kind) else None
+        encode = BaselinePrompter.from_config(prompt_kind, cfg.data, tok, train).prompt_ids
     done = {row["id"] for row in read_predictions(out)} if out.is_file() else set()
     todo = [(i, r) for i, r in enumerate(records) if r.id not in done]
     written = 0
@@ -272,7 +283,7 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
         params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
                                 stop_ids=tok.stop_ids, seed=cfg.train.seed + chunk[0][0])
-        groups = engine.generate([prompt_ids(r, tok, cfg.data) for _, r in chunk], params)
+        groups = engine.generate(encode([r for _, r in chunk]), params)
         rows = [prediction_row(r.id, g.text, parse_codes(g.text), g.sample_index)
                 for (_, r), group in zip(chunk, groups) for g in group]
         written += write_predictions(rows, out, append=True)
