@@ -1,4 +1,4 @@
-"""Train a coder: `python train.py --stage sft|grpo --config FILE [--resume] [section.key=value ...]`.
+"""Train a coder: `python train.py --stage sft|grpo|phi --config FILE [--resume] [section.key=value ...]`.
 
 Run under `torchrun --nproc_per_node N train.py ...` for several devices (FSDP2).
 """
@@ -11,17 +11,16 @@ import sys
 from minicd.errors import MinicdError
 
 STAGES = ("sft", "grpo", "phi")
-IMPLEMENTED = ("sft", "grpo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="minicd training. Stages: sft and grpo; phi is not implemented yet in "
-                    "this version (it lands in a later milestone).",
+        description="minicd training. Stages: sft (LoRA fine-tuning), grpo (sample-F1 "
+                    "reward RL) and phi (GRPO rounds with missed-code hints).",
         epilog="Overrides are TOML values on dotted keys, e.g. sft.lr=1e-4 train.max_steps=10 "
                "model.path=runs/demo/model")
     p.add_argument("--stage", required=True, choices=STAGES,
-                   help="training stage: sft, grpo; phi: not implemented yet in this version")
+                   help="training stage: sft, grpo or phi")
     p.add_argument("--config", required=True, help="TOML config file (see configs/)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in train.output_dir")
@@ -32,24 +31,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.stage not in IMPLEMENTED:
-            raise MinicdError(f"--stage {args.stage} is not implemented yet in this version "
-                              "(it lands in a later milestone); use --stage sft or grpo")
         import torch
 
         from minicd.config import load_config
         from minicd.train.grpo import run_grpo
+        from minicd.train.phi import run_phi
         from minicd.train.sft import run_sft
 
         overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
         cfg = load_config(args.config, overrides)
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
-        result = run_sft(cfg) if args.stage == "sft" else run_grpo(cfg)
+        run = {"sft": run_sft, "grpo": run_grpo, "phi": run_phi}[args.stage]
+        result = run(cfg)
     except MinicdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    keys = ("step", "loss", "reward_mean", "val/micro_f1", "val/macro_f1")
+    keys = ("round", "step", "loss", "reward_mean", "train_micro_recall", "train_micro_f1",
+            "val/micro_f1", "val/macro_f1")
     print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
                    for k in keys if k in result))
     return 0

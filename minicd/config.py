@@ -115,14 +115,16 @@ class RolloutConfig:
 
 @dataclass
 class PHIConfig:
+    # PHI (paper Sec. 4.3, Appendix E): each round is one GRPO epoch ([grpo], grpo.epochs is set
+    # to 1 per round; train.max_steps, when set, caps the steps of EACH round).
     rounds: int = 3                    # paper: 3 to 5
-    p_inject: float = 0.5
-    max_hints: int = 5
-    tau: float = 3.0
-    recall_floor: float = 0.05
-    clip_mult: float = 3.0
-    description_limit: int = 100
-    description_file: str | None = None
+    p_inject: float = 0.5              # probability that a prompt gets hints (paper: 0.5)
+    max_hints: int = 5                 # k ~ Uniform{1..min(max_hints, |pool|)} (paper: 5)
+    tau: float = 3.0                   # temperature of p(c) ~ w_c^(1/tau) (paper: 3.0)
+    recall_floor: float = 0.05         # a_c = 1/sqrt(freq_c) / max(recall_c, floor) (paper: 0.05)
+    clip_mult: float = 3.0             # a_c clipped at clip_mult x median (paper: 3)
+    description_limit: int = 100       # hint descriptions cut to this many characters (<= 100)
+    description_file: str | None = None  # extra "code<TAB>description" lines over the CMS tables
 
 
 @dataclass

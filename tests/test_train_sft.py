@@ -150,8 +150,8 @@ def test_cli(assets, tmp_path):
     bad = _cli("--stage", "sft", "--config", str(assets["config"]), "sft.learning_rate=1")
     assert bad.returncode == 2
     assert "sft.learning_rate" in bad.stderr and "Traceback" not in bad.stderr
-    later = _cli("--stage", "phi", "--config", str(assets["config"]))
-    assert later.returncode == 2 and "not implemented yet" in later.stderr
+    unknown = _cli("--stage", "dpo", "--config", str(assets["config"]))
+    assert unknown.returncode == 2 and "dpo" in unknown.stderr
 
 
 def test_greedy_validate_scores_parsed_responses(monkeypatch):

@@ -1,0 +1,339 @@
+"""The PHI stage loop: Progressive Hint Injection (paper Sec. 4.3, Appendix E "PHI hint training").
+
+PHI is GRPO run in rounds over a shrinking set of training examples, with training-time hints:
+
+0. Round-0 pools (Eq. 3): greedy, hint-free predictions of the start (SFT) policy on the training
+   split; H_i = Y_i minus Y_hat_i. Code weights (Appendix E "Hint sampling") come from the
+   training-gold frequencies and the per-code recall of those predictions.
+1. Round t = 0 .. phi.rounds - 1:
+   a. One GRPO epoch (:func:`minicd.train.grpo.run_grpo`) over the examples whose pool is
+      non-empty (the others are skipped). Per prompt, a hint subset is drawn from its pool
+      (``sample_hints``; seeded by (train.seed, t, step, prompt index)) and rendered into the
+      Appendix E hint block; an empty draw leaves the prompt hint-free. All G rollouts of a prompt
+      share it, and the reward target stays the FULL gold set.
+   b. Greedy hint-free inference of the new checkpoint on the training split refreshes pools
+      (Eq. 4), recalls and weights.
+   c. One line of round metrics goes to ``output_dir/phi_rounds.jsonl``; pools, weights and the
+      next round index to ``output_dir/phi_state.json`` (ids and codes only, no note text).
+2. The last round's adapter is copied to ``output_dir/adapter``.
+
+Model lineage (LoRA only). With ``lora.init_mode = "merge"`` (default) the SFT adapter
+(``lora.init_adapter``) is folded into the base weights ONCE and saved to
+``output_dir/sft_model``; every round loads that model, round 0 trains a fresh adapter on it and
+round t > 0 continues round t-1's adapter (``init_mode = "continue"`` on ``sft_model``). So the
+policy carries over from round to round while the adapter-disabled reference policy stays the
+SFT policy in every round. Costs: one full copy of the model on disk, and a fresh AdamW state at
+the start of each round (each round is its own GRPO run). ``output_dir/adapter`` is an adapter
+on ``output_dir/sft_model`` (its adapter_config names it). With ``init_mode = "continue"`` the
+SFT adapter itself is trained on through all rounds and the reference is the bare base model.
+
+Files under ``output_dir``: ``init_train_predictions.jsonl`` (round-0 pools), ``round-<t>/``
+(that round's GRPO run: metrics, checkpoints, adapter, and ``train_predictions.jsonl``, the
+refresh after it), ``phi_state.json``, ``phi_rounds.jsonl``, ``adapter/``. Resume
+(``train.resume``) restarts at the round in ``phi_state.json``; GRPO's checkpoints in its round
+directory restore the step within the round, and the refresh inference skips finished records.
+Inference and evaluation never see hints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from minicd import dist
+from minicd.algo.phi import code_recall, code_weights, hint_pool, sample_hints
+from minicd.checkpoint import latest_checkpoint
+from minicd.codes import DescriptionTable, truncate_description
+from minicd.config import Config, PHIConfig
+from minicd.data.records import Record, atomic_write, write_records
+from minicd.data.truncate import fit_prompt
+from minicd.errors import ConfigError
+from minicd.metrics import corpus_metrics
+from minicd.model.hub import copy_tokenizer_files, load_model, load_tokenizer, save_model
+from minicd.model.lora import load_adapter, merged_state_dict
+from minicd.model.tokenizer import Tokenizer, encode_prompt
+from minicd.parse import parse_codes
+from minicd.predictions import read_predictions
+from minicd.prompts import HINT_DESCRIPTION_LIMIT, PromptSetting, coding_prompt
+from minicd.train.common import load_split, prompt_ids, run_rollout
+from minicd.train.grpo import run_grpo, step_prompt_indices
+
+STATE_FILE, ROUNDS_FILE = "phi_state.json", "phi_rounds.jsonl"
+Describe = Callable[[str, str], "str | None"]
+
+
+# ------------------------------------------------------------------ hints and prompts
+def draw_hints(pool: Sequence[str], weights: dict[str, float], phi: PHIConfig, seed: int,
+               round_index: int, step: int, index: int) -> list[str]:
+    """The hint draw of global prompt ``index`` of ``step`` in round ``round_index`` (Appendix E).
+
+    Deterministic in (seed, round, step, index), so a resumed round redraws the same hints."""
+    rng = np.random.default_rng([seed, round_index, step, index])
+    return sample_hints(pool, weights, rng, phi.p_inject, phi.max_hints, phi.tau)
+
+
+def make_describe(phi: PHIConfig) -> Describe:
+    """``describe(code, code_system)`` for the hint block: CMS descriptions (plus
+    ``phi.description_file``), cut to ``phi.description_limit`` characters."""
+    tables: dict[str, DescriptionTable] = {}
+
+    def describe(code: str, code_system: str) -> str | None:
+        if code_system not in tables:
+            tables[code_system] = DescriptionTable(code_system, phi.description_file)
+        text = tables[code_system].describe(code)
+        return truncate_description(text.strip(), phi.description_limit) if text else None
+
+    return describe
+
+
+def hinted_prompt_ids(rec: Record, tok: Tokenizer, data_cfg, hints: Sequence[str],
+                      describe: Describe) -> list[int]:
+    """Generation-prompt ids of ``rec`` with the Appendix E hint block for ``hints``.
+
+    No hints: exactly the hint-free prompt of GRPO and inference (``common.prompt_ids``). With
+    hints: the same user turn (note middle-out truncated to ``data.max_prompt_tokens``) with the
+    hint block before the output-format line; rendered here because it needs ``describe``."""
+    if not hints:
+        return prompt_ids(rec, tok, data_cfg)
+    setting = PromptSetting.from_config(data_cfg)
+    text = fit_prompt(lambda note: coding_prompt(note, rec.code_system, hints, setting=setting,
+                                                 describe=describe),
+                      rec.note, data_cfg.max_prompt_tokens, tok)
+    return encode_prompt(tok, [{"role": "user", "content": text}])
+
+
+# ------------------------------------------------------------------ pools (Eq. 3 / 4)
+def read_pool_predictions(path: Path, records: Sequence[Record]) -> list[tuple[str, ...]]:
+    """Codes of the greedy prediction of each record (re-parsed with the single parser; a record
+    without a row counts as an empty prediction)."""
+    by_id = {row["id"]: parse_codes(row["response"]).codes
+             for row in read_predictions(path) if row["sample_index"] == 0}
+    return [by_id.get(r.id, ()) for r in records]
+
+
+def refresh_state(records: Sequence[Record], preds: Sequence[Sequence[str]], phi: PHIConfig,
+                  freq: dict[str, int]) -> dict:
+    """Pools (Eq. 3/4), per-code recall and weights from hint-free train predictions, plus the
+    train metrics of those predictions."""
+    golds = [r.codes for r in records]
+    pools = {r.id: hint_pool(r.codes, p) for r, p in zip(records, preds)}
+    recall = code_recall(golds, preds)
+    m = corpus_metrics(preds, golds)
+    sizes = [len(p) for p in pools.values()]
+    return {"pools": pools, "recall": recall,
+            "weights": code_weights(freq, recall, phi.recall_floor, phi.clip_mult),
+            "eval": {"train_micro_recall": float(m["micro_recall"]),
+                     "train_micro_f1": float(m["micro_f1"]), "train_macro_f1": float(m["macro_f1"]),
+                     "nonempty_pools": sum(s > 0 for s in sizes),
+                     "mean_pool_size": float(np.mean(sizes)) if sizes else 0.0}}
+
+
+def predict_train(cfg: Config, model_path: str, adapter: str | None, out: Path,
+                  info: dist.DistInfo, *, keep: bool) -> None:
+    """Greedy HINT-FREE predictions of ``model_path`` + ``adapter`` on the training split
+    (``common.run_rollout``). ``keep``: continue an existing ``out`` (resume; finished records
+    are skipped), else start it afresh. Rank 0 decodes, the other ranks wait."""
+    c = copy.deepcopy(cfg)
+    c.model.path, c.lora.init_adapter = model_path, None
+    if info.is_main:
+        if not keep:
+            out.unlink(missing_ok=True)
+        run_rollout(c, "train", out, adapter=adapter, temperature=0.0,
+                    limit=cfg.data.train_limit, show_progress=True)
+    dist.barrier()
+
+
+# ------------------------------------------------------------------ model lineage
+def phi_base(cfg: Config, out: Path, info: dist.DistInfo, *,
+             rebuild: bool) -> tuple[str, str | None]:
+    """(model every round loads, adapter round 0 starts from): see the module docstring.
+
+    In merge mode, writes ``out/sft_model`` (base + SFT adapter folded in) unless it exists and
+    ``rebuild`` is false (resume)."""
+    lc = cfg.lora
+    if not lc.init_adapter or lc.init_mode == "continue":
+        return cfg.model.path, lc.init_adapter
+    merged = out / "sft_model"
+    if info.is_main and (rebuild or not (merged / "config.json").is_file()):
+        dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+        model = load_model(cfg.model.path, dtype=dtype)
+        load_adapter(model, lc.init_adapter)
+        tmp = out / f".sft_model.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tmp, state_dict=merged_state_dict(model))
+        copy_tokenizer_files(cfg.model.path, tmp)
+        shutil.rmtree(merged, ignore_errors=True)
+        os.replace(tmp, merged)
+        del model
+    dist.barrier()
+    return str(merged), None
+
+
+def round_config(cfg: Config, out: Path, r: int, base: str, start_adapter: str | None,
+                 data_dir: str) -> Config:
+    """The GRPO config of round ``r``: one epoch on ``data_dir`` (the non-empty-pool records),
+    output in ``out/round-r``, starting from round r-1's adapter (round 0: ``start_adapter``)."""
+    c = copy.deepcopy(cfg)
+    c.train.output_dir = str(out / f"round-{r}")
+    c.train.resume = cfg.train.resume and latest_checkpoint(c.train.output_dir) is not None
+    c.grpo.epochs = 1.0
+    c.data.dir, c.data.train_limit = data_dir, None
+    c.model.path = base
+    c.lora.init_adapter = start_adapter if r == 0 else str(out / f"round-{r - 1}" / "adapter")
+    c.lora.init_mode = "continue"  # with init_adapter None: a fresh adapter on `base`
+    return c
+
+
+def round_steps(cfg: Config, n_records: int) -> int:
+    """Steps of one round's GRPO run (one epoch, capped by train.max_steps), as run_grpo counts."""
+    per_epoch = n_records // cfg.grpo.prompts_per_step
+    return min(per_epoch, cfg.train.max_steps) if cfg.train.max_steps else per_epoch
+
+
+# ------------------------------------------------------------------ state files
+def save_state(out: Path, state: dict) -> None:
+    """``phi_state.json`` (next round, pools, recall, weights, history) and ``phi_rounds.jsonl``
+    (one line per finished round, rewritten from the history), both atomically, rank 0 only."""
+    if not dist.get_rank() == 0:
+        return
+    with atomic_write(out / STATE_FILE) as f:
+        json.dump(state, f, indent=1)
+    with atomic_write(out / ROUNDS_FILE) as f:
+        f.writelines(json.dumps(row) + "\n" for row in state["history"])
+
+
+def _check(cfg: Config) -> None:
+    p = cfg.phi
+    if not cfg.lora.enabled:
+        raise ConfigError("PHI needs lora.enabled = true (rounds continue a LoRA adapter and the "
+                          "reference policy is the model with its adapter disabled)")
+    if p.rounds < 1:
+        raise ConfigError(f"phi.rounds = {p.rounds}: must be >= 1 (paper: 3 to 5)")
+    if not 1 <= p.description_limit <= HINT_DESCRIPTION_LIMIT:
+        raise ConfigError(f"phi.description_limit = {p.description_limit}: must be in "
+                          f"[1, {HINT_DESCRIPTION_LIMIT}] (the hint block cuts at "
+                          f"{HINT_DESCRIPTION_LIMIT} characters)")
+    if cfg.data.train_limit is not None and cfg.data.train_limit < 1:
+        raise ConfigError(f"data.train_limit = {cfg.data.train_limit}: must be >= 1 (or unset)")
+
+
+# ------------------------------------------------------------------ the loop
+def prompt_builder(pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
+                   round_index: int, tok: Tokenizer, describe: Describe):
+    """GRPO's ``build_prompt(record, step, global_index)`` hook for one round: draw the prompt's
+    hints (:func:`draw_hints`) and render them (:func:`hinted_prompt_ids`)."""
+    def build_prompt(rec: Record, step: int, index: int) -> list[int]:
+        hints = draw_hints(pools[rec.id], weights, cfg.phi, cfg.train.seed, round_index, step,
+                           index)
+        return hinted_prompt_ids(rec, tok, cfg.data, hints, describe)
+
+    return build_prompt
+
+
+def run_phi(cfg: Config) -> dict:
+    """Run PHI as configured; return the last finished round's metrics row (plus ``stopped``).
+
+    See the module docstring for the round loop, the files written and resume."""
+    _check(cfg)
+    info = dist.init_distributed(cfg.train.device)
+    out, phi, seed, resume = Path(cfg.train.output_dir), cfg.phi, cfg.train.seed, cfg.train.resume
+    out.mkdir(parents=True, exist_ok=True)
+    train = load_split(cfg, "train", cfg.data.train_limit)
+    freq = dict(Counter(c for r in train for c in set(r.codes)))   # training-gold frequency
+    base, start_adapter = phi_base(cfg, out, info, rebuild=not resume)
+    tok = load_tokenizer(base, template=cfg.model.template)
+    describe = make_describe(phi)
+    say = print if info.is_main else (lambda *args: None)
+
+    state = None
+    if resume and (out / STATE_FILE).is_file():
+        state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+        say(f"minicd phi: resuming at round {state['round'] + 1} of {phi.rounds}")
+    if state is None:  # round-0 pools (Eq. 3) from the start policy's hint-free predictions
+        say("=== PHI round-0 pools: greedy hint-free predictions of the start policy ===")
+        path = out / "init_train_predictions.jsonl"
+        predict_train(cfg, base, start_adapter, path, info, keep=resume)
+        state = {"round": 0, "history": [],
+                 **refresh_state(train, read_pool_predictions(path, train), phi, freq)}
+        save_state(out, state)
+
+    while state["round"] < phi.rounds:
+        r, t0 = state["round"], time.perf_counter()
+        pools, weights = state["pools"], state["weights"]
+        used = [rec for rec in train if pools[rec.id]]          # empty pools are skipped
+        steps = round_steps(cfg, len(used))
+        say(f"=== PHI round {r + 1}/{phi.rounds}: {len(used)} of {len(train)} records with "
+            f"missed codes, {steps} GRPO steps ===")
+        if steps < 1:
+            say("minicd phi: too few records with missed codes for one GRPO step; stopping")
+            break
+
+        # a. one GRPO epoch over `used`, hints drawn per (round, step, prompt)
+        with tempfile.TemporaryDirectory(prefix="minicd-phi-") as tmp:
+            round_cfg = round_config(cfg, out, r, base, start_adapter, _subset_dir(cfg, used, tmp))
+            result = run_grpo(round_cfg,
+                              build_prompt=prompt_builder(pools, weights, cfg, r, tok, describe))
+        if result["stopped"]:  # SIGTERM: the round's checkpoint is saved; resume continues it
+            return {"round": r, **result}
+
+        # b. hint-free greedy inference of the new checkpoint refreshes the pools (Eq. 4)
+        round_dir = out / f"round-{r}"
+        path = round_dir / "train_predictions.jsonl"
+        predict_train(cfg, base, str(round_dir / "adapter"), path, info, keep=resume)
+        fresh = refresh_state(train, read_pool_predictions(path, train), phi, freq)
+
+        # c. round metrics (hint rate recounted from the deterministic draws) and state
+        drawn = [draw_hints(pools[used[i].id], weights, phi, seed, r, s, j)
+                 for s in range(steps) for j, i in
+                 enumerate(step_prompt_indices(len(used), cfg.grpo.prompts_per_step, seed, s))]
+        after = fresh["eval"]
+        row = {"round": r, "records_used": len(used), "pool_mean_size": state["eval"]["mean_pool_size"],
+               "grpo_steps": steps, "prompts": len(drawn),
+               "hint_rate": sum(bool(h) for h in drawn) / len(drawn),
+               "mean_hints": float(np.mean([len(h) for h in drawn if h] or [0])),
+               "reward_mean_last_step": result.get("reward_mean"),
+               "start_train_micro_recall": state["eval"]["train_micro_recall"],
+               "train_micro_recall": after["train_micro_recall"],
+               "train_micro_f1": after["train_micro_f1"], "train_macro_f1": after["train_macro_f1"],
+               "next_nonempty_pools": after["nonempty_pools"],
+               "next_mean_pool_size": after["mean_pool_size"],
+               "wall_time_s": time.perf_counter() - t0}
+        state = {"round": r + 1, "history": state["history"] + [row], **fresh}
+        save_state(out, state)
+        say(f"minicd phi: round {r + 1} hint-free train micro recall "
+            f"{row['train_micro_recall']:.4f}, micro F1 {row['train_micro_f1']:.4f}; "
+            f"{row['next_nonempty_pools']} records still miss codes")
+
+    export_final(out, phi.rounds, info)
+    return {**(state["history"][-1] if state["history"] else {}), "stopped": False}
+
+
+def export_final(out: Path, rounds: int, info: dist.DistInfo) -> None:
+    """Copy the last trained round's adapter to ``out/adapter`` (rank 0; atomic rename)."""
+    done = [k for k in range(rounds) if (out / f"round-{k}" / "adapter").is_dir()]
+    if done and info.is_main:
+        tmp = out / f".adapter.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out / f"round-{done[-1]}" / "adapter", tmp)
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        os.replace(tmp, out / "adapter")
+    dist.barrier()
+
+
+def _subset_dir(cfg: Config, used: Sequence[Record], tmp: str) -> str:
+    """A data dir holding only ``used`` as train.jsonl (and a link to the real val.jsonl), in a
+    temporary folder so that no note text is left under output_dir."""
+    write_records(used, Path(tmp) / "train.jsonl")
+    val = Path(cfg.data.dir) / "val.jsonl"
+    if val.is_file():
+        os.symlink(val.resolve(), Path(tmp) / "val.jsonl")
+    return tmp

@@ -1,0 +1,328 @@
+"""PHI stage loop (minicd/train/phi.py) on a tiny from-scratch Qwen3 and a small synthetic set.
+
+The bookkeeping runs use scripted engines: GRPO rollouts come from a fixed pool of answers
+(seeded per (prompt, sample)), and the hint-free refresh inference answers, for record i after k
+refreshes, its first (i % 3) + k gold codes plus one wrong code, so pools shrink round over round
+by construction (Eq. 4 bookkeeping, not learning). The real run_rollout and prompt rendering are
+used throughout; one CLI run uses the real torch engine for 2 rounds end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minicd.train.common as common
+import minicd.train.grpo as grpo
+import minicd.train.phi as phi
+from minicd.config import PHIConfig, load_config
+from minicd.data.records import read_records
+from minicd.log import read_metrics
+from minicd.model.hub import load_model, load_tokenizer
+from minicd.model.lora import LoRAConfig, inject_lora, save_adapter
+from minicd.rollout.engine import Generation
+from train_fixtures import build_assets
+
+REPO = Path(__file__).resolve().parents[1]
+N = 12
+DESC = "abcdefghij klmnopqrst uvwxyzabcd efghijklmn opq"
+DESC_30 = "abcdefghij klmnopqrst..."  # cut at 30 chars, last space (21) > 18: cut there, add "..."
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phi")
+    built = build_assets(root)
+    train = read_records(built["data_dir"] / "train.jsonl")[:N]
+    sft = load_model(built["model_dir"])
+    inject_lora(sft, LoRAConfig(r=4, alpha=8.0), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(sft, root / "sft_adapter", LoRAConfig(r=4, alpha=8.0))
+    codes = sorted({c for r in train for c in r.codes})
+    (root / "desc.txt").write_text("".join(f"{c}\t{DESC}\n" for c in codes))
+    config = root / "phi.toml"
+    config.write_text(f"""
+[model]
+path = "{built['model_dir']}"
+[lora]
+r = 4
+alpha = 8.0
+init_adapter = "{root / 'sft_adapter'}"
+[data]
+dir = "{built['data_dir']}"
+max_prompt_tokens = 1024
+train_limit = {N}
+val_limit = 0
+[train]
+seed = 0
+device = "cpu"
+micro_batch_size = 4
+save_every = 1
+keep_last = 3
+max_steps = 2
+[grpo]
+group_size = 4
+prompts_per_step = 2
+lr = 5e-2
+kl_coef = 0.1
+[rollout]
+max_new_tokens = 6
+[phi]
+rounds = 2
+description_limit = 30
+description_file = "{root / 'desc.txt'}"
+""")
+    return {"config": config, "train": train, "model_dir": built["model_dir"],
+            "tok": load_tokenizer(built["model_dir"])}
+
+
+def _cfg(assets, out: Path, *overrides: str):
+    return load_config(assets["config"], [f"train.output_dir={json.dumps(str(out))}", *overrides])
+
+
+def _codes(text: str) -> list:
+    if "<code>" not in text:
+        return []
+    return [c.strip() for c in text.split("<code>")[1].split("</code>")[0].split(",") if c.strip()]
+
+
+def _hand_pools(pred_file: Path, train) -> dict:
+    """Eq. 3/4 by hand from a predictions file: gold codes not in the predicted span."""
+    preds = {}
+    for line in pred_file.read_text().splitlines():
+        row = json.loads(line)
+        preds[row["id"]] = set(_codes(row["response"]))
+    return {r.id: [c for c in r.codes if c not in preds[r.id]] for r in train}
+
+
+def _hinted_codes(text: str) -> list:
+    if "Training hint:" not in text:
+        return []
+    block = text.split("Hinted codes:\n")[1].split("\nMini example:")[0]
+    return [line[2:].split(" (")[0] for line in block.splitlines()]
+
+
+class Scripted:
+    """Training engine (answers from a fixed pool, seeded per (prompt, sample)) or refresh engine
+    (answers by record: first (i % 3) + k gold codes and 999.9). Records every prompt it sees."""
+
+    def __init__(self, tok, answers=None, refresh=None):
+        self.tok, self.answers, self.refresh, self.version = tok, answers, refresh, 0
+        self.prompts: list[list[int]] = []
+        self.on_generate = None
+
+    @property
+    def weight_version(self):
+        return self.version
+
+    def sync_policy(self, model, state_dict=None):
+        self.version += 1
+        return self.version
+
+    def generate(self, prompts, params):
+        if self.on_generate:
+            self.on_generate()
+        out = []
+        for i, p in enumerate(prompts):
+            self.prompts.append(list(p))
+            row = []
+            for s in range(params.n):
+                if self.refresh is not None:
+                    text = self.refresh(list(p))
+                else:
+                    seed = params.seed + i * params.n + s
+                    text = self.answers[int(np.random.default_rng(seed).integers(len(self.answers)))]
+                ids = self.tok.encode(text) + [self.tok.im_end_id]
+                row.append(Generation(i, s, ids, text, "stop"))
+            out.append(row)
+        return out
+
+
+@pytest.fixture
+def scripted(assets, monkeypatch):
+    """Patch both engines and the prompt builder; returns what they saw."""
+    tok, train = assets["tok"], assets["train"]
+    data_cfg = load_config(assets["config"]).data
+    free = {tuple(common.prompt_ids(r, tok, data_cfg)): i for i, r in enumerate(train)}
+    seen = {"train": [], "refresh": [], "built": [], "k": 0, "kill_round": None}
+    answers = [f"<code>{train[0].codes[0]}</code>", f"<code>{train[1].codes[0]}, 401.9</code>",
+               "<code></code>", f"<code>{', '.join(train[2].codes)}</code>"]
+
+    def refresh_answer(p):
+        i = free[tuple(p)]  # KeyError if an inference prompt is not the hint-free prompt
+        codes = train[i].codes[:(i % 3) + seen["k"]]
+        return "<code>" + ", ".join(list(codes) + ["999.9"]) + "</code>"
+
+    def train_engine(cfg, model, tok_, lora_cfg):
+        e = Scripted(tok, answers=answers)
+        seen["train"].append(e)
+        if seen["kill_round"] == len(seen["train"]) - 1:
+            e.on_generate = lambda: os.kill(os.getpid(), signal.SIGTERM)
+        return e
+
+    def refresh_engine(cfg, model, tok_, lora_cfg):
+        seen["refresh"].append(Scripted(tok, refresh=refresh_answer))
+        return seen["refresh"][-1]
+
+    real_rollout, real_builder = phi.run_rollout, phi.prompt_builder
+
+    def rollout(cfg, split, out, **kw):
+        out = Path(out)
+        seen["k"] = 0 if out.name.startswith("init") else int(out.parent.name.split("-")[1]) + 1
+        return real_rollout(cfg, split, out, **kw)
+
+    def builder(pools, weights, cfg, round_index, tok_, describe):
+        build = real_builder(pools, weights, cfg, round_index, tok_, describe)
+
+        def recorded(rec, step, index):
+            ids = build(rec, step, index)
+            seen["built"].append((round_index, rec.id, step, index, ids))
+            return ids
+        return recorded
+
+    monkeypatch.setattr(grpo, "build_engine", train_engine)
+    monkeypatch.setattr(common, "build_engine", refresh_engine)
+    monkeypatch.setattr(phi, "run_rollout", rollout)
+    monkeypatch.setattr(phi, "prompt_builder", builder)
+    return seen
+
+
+def test_rounds_pools_hints_and_metrics(assets, scripted, tmp_path):
+    out, train, tok = tmp_path / "run", assets["train"], assets["tok"]
+    res = phi.run_phi(_cfg(assets, out))
+    assert res["stopped"] is False and res["round"] == 1
+    # round-0 pools by hand from the written SFT predictions; some are empty by construction
+    pools0 = _hand_pools(out / "init_train_predictions.jsonl", train)
+    pools1 = _hand_pools(out / "round-0" / "train_predictions.jsonl", train)
+    pools2 = _hand_pools(out / "round-1" / "train_predictions.jsonl", train)
+    for i, r in enumerate(train):  # first (i % 3) + k gold codes predicted
+        assert pools0[r.id] == list(r.codes[i % 3:]) and pools2[r.id] == list(r.codes[i % 3 + 2:])
+    state = json.loads((out / "phi_state.json").read_text())
+    assert state["round"] == 2 and state["pools"] == pools2
+    assert train[0].note[:40] not in (out / "phi_state.json").read_text()
+    # pools shrink round over round (Eq. 4 bookkeeping)
+    nonempty = [sum(bool(p) for p in pools.values()) for pools in (pools0, pools1, pools2)]
+    assert nonempty[0] < N and nonempty[0] > nonempty[1] > nonempty[2]
+    rows = read_metrics(out / "phi_rounds.jsonl")
+    assert [r["round"] for r in rows] == [0, 1]
+    assert [r["records_used"] for r in rows] == nonempty[:2]
+    assert [r["next_nonempty_pools"] for r in rows] == nonempty[1:]
+    sizes = [np.mean([len(p) for p in pools.values()]) for pools in (pools0, pools1, pools2)]
+    assert [r["pool_mean_size"] for r in rows] == pytest.approx(sizes[:2])
+    # train micro recall of the hint-free predictions, by hand: predicted gold codes / all gold
+    total = sum(len(r.codes) for r in train)
+    for row, pools in zip(rows, (pools1, pools2)):
+        assert row["train_micro_recall"] == pytest.approx(
+            1 - sum(len(p) for p in pools.values()) / total)
+    # only records with non-empty pools are trained on; hints come from their pool
+    built = scripted["built"]
+    assert {x[0] for x in built} == {0, 1}
+    total_hinted = 0
+    for rnd, pools in ((0, pools0), (1, pools1)):
+        calls = [x for x in built if x[0] == rnd]
+        assert len(calls) == 2 * 2  # max_steps 2 x prompts_per_step 2
+        hinted = 0
+        for _, rid, _, _, ids in calls:
+            assert pools[rid], rid
+            text = tok.decode(ids)
+            codes = _hinted_codes(text)
+            hinted += bool(codes)
+            assert len(codes) == len(set(codes)) <= 5 and set(codes) <= set(pools[rid])
+            for c in codes:
+                assert f"\n- {c} ({DESC_30})\n" in text
+            if codes:
+                assert text.index("Training hint:") < text.index("Output format:")
+        assert rows[rnd]["hint_rate"] == pytest.approx(hinted / len(calls))
+        total_hinted += hinted
+    assert 0 < total_hinted < 8  # both hinted and hint-free prompts occur
+    # GRPO prompts are exactly the built (hinted or not) prompts; refresh prompts never hinted
+    sent = [p for e in scripted["train"] for p in e.prompts]
+    assert sorted(map(tuple, sent)) == sorted(tuple(x[4]) for x in built)
+    refreshed = [p for e in scripted["refresh"] for p in e.prompts]
+    assert len(refreshed) == 3 * N
+    assert all("Training hint" not in tok.decode(p) for p in refreshed)
+    # final adapter = last round's, on top of the merged SFT model
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "round-1" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg_json = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert Path(cfg_json["base_model_name_or_path"]) == out / "sft_model"
+
+
+def test_hint_draws_inject_about_p(assets):
+    p = PHIConfig(p_inject=0.5, max_hints=5)
+    pool, weights = ["401.9", "428.0", "38.93"], {"401.9": 1.0, "428.0": 2.0, "38.93": 8.0}
+    draws = [phi.draw_hints(pool, weights, p, 0, 1, s, j) for s in range(500) for j in range(4)]
+    rate = sum(bool(d) for d in draws) / len(draws)
+    assert abs(rate - 0.5) < 0.04                       # binomial sd ~ 0.011
+    assert all(len(d) == len(set(d)) <= 3 and set(d) <= set(pool) for d in draws)
+    assert draws[7] == phi.draw_hints(pool, weights, p, 0, 1, 1, 3)         # deterministic
+    assert phi.draw_hints(pool, weights, PHIConfig(p_inject=0.0), 0, 0, 0, 0) == []
+
+
+def test_resume_mid_round_matches_uninterrupted(assets, scripted, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    phi.run_phi(_cfg(assets, full, "train.max_steps=2"))
+    scripted["kill_round"] = 1 + len(scripted["train"])  # round 1 of the next run
+    stopped = phi.run_phi(_cfg(assets, part, "train.max_steps=2"))
+    assert stopped["stopped"] is True and stopped["round"] == 1 and stopped["step"] == 1
+    assert json.loads((part / "phi_state.json").read_text())["round"] == 1
+    assert not (part / "adapter").exists()
+    scripted["kill_round"] = None
+    phi.run_phi(_cfg(assets, part, "train.max_steps=2", "train.resume=true"))
+    assert [r["step"] for r in read_metrics(part / "round-1" / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_metrics(part / "round-0" / "metrics.jsonl")] == [1, 2]
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    ra, rb = read_metrics(full / "phi_rounds.jsonl"), read_metrics(part / "phi_rounds.jsonl")
+    drop = ("wall_time_s", "reward_mean_last_step")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ra] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in rb]
+
+
+def test_cli_phi_two_rounds_with_torch_engine(assets, tmp_path):
+    out = tmp_path / "cli"
+    env = {**os.environ, "MINICD_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--stage", "phi", "--config",
+                           str(assets["config"]), f"train.output_dir={out}", "train.max_steps=1",
+                           "data.train_limit=6", "train.num_threads=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "=== PHI round 1/2" in proc.stdout and "=== PHI round 2/2" in proc.stdout
+    rows = read_metrics(out / "phi_rounds.jsonl")
+    assert [r["round"] for r in rows] == [0, 1]
+    train = assets["train"][:6]
+    total = sum(len(r.codes) for r in train)
+    for r, row in enumerate(rows):
+        pools = _hand_pools(out / f"round-{r}" / "train_predictions.jsonl", train)
+        assert row["train_micro_recall"] == pytest.approx(
+            1 - sum(len(p) for p in pools.values()) / total)
+        assert row["next_nonempty_pools"] == sum(bool(p) for p in pools.values())
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(read_metrics(out / "round-1" / "metrics.jsonl")) == 1
+
+
+def test_config_errors(assets, tmp_path):
+    from minicd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="phi.rounds"):
+        phi.run_phi(_cfg(assets, tmp_path / "x", "phi.rounds=0"))
+    with pytest.raises(ConfigError, match="description_limit"):
+        phi.run_phi(_cfg(assets, tmp_path / "x", "phi.description_limit=150"))
+    with pytest.raises(ConfigError, match="lora.enabled"):
+        phi.run_phi(_cfg(assets, tmp_path / "x", "lora.enabled=false"))
