@@ -1,0 +1,163 @@
+"""The SFT and GRPO stage loops under ``torchrun --nproc_per_node 2 train.py`` (FSDP2, gloo, CPU)
+match one process on the same global batch: same loss curve, same final adapter.
+
+The one-process reference runs in-process (``run_sft`` / ``run_grpo``); the 2-rank runs go through
+the real CLI under torchrun. Global batch sizes are equal by construction: SFT takes
+``micro_batch_size x grad_accum x world`` examples per step (2 x 2 x 1 vs 2 x 1 x 2); GRPO takes
+``prompts_per_step`` prompts per step whatever the world size, and seeds its rollouts by
+(seed, step), so both runs sample the same responses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minicd.config import load_config
+from minicd.log import read_metrics
+from minicd.train.grpo import run_grpo
+from minicd.train.sft import run_sft
+from train_fixtures import build_assets
+
+REPO = Path(__file__).resolve().parents[1]
+SFT_STEPS = 4
+TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["MINICD_NO_PROGRESS"] = "1"
+    return env
+
+
+def _torchrun(*args: str) -> None:
+    """``torchrun --nproc_per_node 2 train.py ARGS``; both ranks must finish and print a result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(REPO / "train.py"), *args, "train.num_threads=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert sum(line.startswith("step=") for line in proc.stdout.splitlines()) == 2, proc.stdout
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_adapter_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and len(a) > 0
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    built = build_assets(root)
+    sft = root / "sft.toml"
+    sft.write_text(f"""
+[model]
+path = "{built['model_dir']}"
+[lora]
+r = 4
+alpha = 8.0
+[data]
+dir = "{built['data_dir']}"
+max_prompt_tokens = 256
+train_limit = 16
+val_limit = 0
+[train]
+seed = 0
+device = "cpu"
+micro_batch_size = 2
+grad_accum = 1
+save_every = 100
+[sft]
+lr = 1e-2
+warmup_ratio = 0.0
+""")
+    return {"root": root, "sft_config": sft, **built}
+
+
+@pytest.fixture(scope="module")
+def sft_single(assets):
+    """The one-process SFT reference: 4 steps of 2 micro-batches of 2 examples (grad_accum 2)."""
+    out = assets["root"] / "sft_single"
+    cfg = load_config(assets["sft_config"], [f"train.output_dir={json.dumps(str(out))}",
+                                             f"train.max_steps={SFT_STEPS}", "train.grad_accum=2"])
+    run_sft(cfg)
+    return out
+
+
+@pytest.mark.distributed
+def test_sft_two_ranks_match_one_process(assets, sft_single):
+    multi = assets["root"] / "sft_multi"
+    _torchrun("--stage", "sft", "--config", str(assets["sft_config"]),
+              f"train.output_dir={multi}", f"train.max_steps={SFT_STEPS}", "train.grad_accum=1")
+    one, two = read_metrics(sft_single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, SFT_STEPS + 1))
+    # training moved: the curve is not flat, so equal curves are not a trivial match
+    assert one[-1]["loss"] < one[0]["loss"] - 0.05
+    for a, b in zip(one, two):
+        assert b["response_tokens"] == a["response_tokens"] > 0   # the same global batch
+        assert abs(a["loss"] - b["loss"]) <= TOL, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"])
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+    a, b = _adapter(sft_single), _adapter(multi)
+    assert any(float(v.abs().max()) > 1e-3 for k, v in a.items() if "lora_B" in k)
+    diff = _max_adapter_diff(a, b)
+    print(f"sft losses 1 proc {[r['loss'] for r in one]}; 2 ranks {[r['loss'] for r in two]}; "
+          f"adapter max |diff| {diff:.3g}")
+    assert diff <= TOL
+
+
+@pytest.mark.distributed
+def test_grpo_two_ranks_match_one_process(assets, sft_single, tmp_path):
+    """GRPO from the SFT adapter (init_mode continue: the reference is the base model, so the KL
+    term is nonzero from step 1), torch engine, 2 prompts x 4 samples per step."""
+    config = tmp_path / "grpo.toml"
+    config.write_text(assets["sft_config"].read_text() + f"""
+[grpo]
+group_size = 4
+prompts_per_step = 2
+lr = 5e-2
+kl_coef = 0.5
+[rollout]
+engine = "torch"
+max_new_tokens = 8
+""")
+    init = [f"lora.init_adapter={json.dumps(str(sft_single / 'adapter'))}",
+            'lora.init_mode="continue"', "train.max_steps=2", "train.micro_batch_size=4"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_grpo(load_config(config, [f"train.output_dir={json.dumps(str(single))}", *init]))
+    _torchrun("--stage", "grpo", "--config", str(config), f"train.output_dir={multi}", *init)
+    one, two = read_metrics(single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    assert one[0]["kl"] > 1e-4 and one[0]["loss"] != 0.0  # a real loss to compare
+    for a, b in zip(one, two):
+        # same rollouts (lengths and rewards), same global token-mean loss
+        assert b["response_tokens"] == a["response_tokens"] > 0
+        assert b["response_len_mean"] == a["response_len_mean"]
+        assert b["truncation_rate"] == a["truncation_rate"]
+        for key in ("reward_mean", "reward_std", "loss", "pg_loss", "kl", "entropy"):
+            assert abs(a[key] - b[key]) <= TOL, (a["step"], key, a[key], b[key])
+    diff = _max_adapter_diff(_adapter(single), _adapter(multi))
+    print(f"grpo loss 1 proc {[r['loss'] for r in one]}; 2 ranks {[r['loss'] for r in two]}; "
+          f"reward_mean {[r['reward_mean'] for r in one]}; adapter max |diff| {diff:.3g}")
+    assert diff <= TOL
