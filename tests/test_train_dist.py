@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def _torchrun(*args: str) -> None:
            str(REPO / "train.py"), *args, "train.num_threads=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert sum(line.startswith("step=") for line in proc.stdout.splitlines()) == 2, proc.stdout
+    # both ranks print a result line; their writes to the shared pipe may interleave
+    assert len(re.findall(r"\bstep=\d+", proc.stdout)) == 2, proc.stdout
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
