@@ -70,6 +70,8 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 200
     keep_last: int = 2
+    export_merged: bool = False        # also write output_dir/merged: LoRA folded in, HF format
+                                       #   (+ tokenizer) that transformers and vLLM serve directly
     resume: bool = False
     num_threads: int | None = None     # torch CPU threads (None: torch default)
 

@@ -391,7 +391,7 @@ def write_plots(out_dir: Path, results: Sequence[dict],
         fig.savefig(out_dir / "bucket_recall.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(str(out_dir / "bucket_recall.png"))
-    keys = [k for k in ("loss", "reward_mean", "val_micro_f1")
+    keys = [k for k in ("loss", "reward_mean", "val/micro_f1")
             if any(k in row for rows in curves.values() for row in rows)]
     if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)

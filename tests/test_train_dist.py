@@ -56,7 +56,7 @@ def _torchrun(*args: str) -> None:
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # both ranks print a result line; their writes to the shared pipe may interleave
-    assert len(re.findall(r"\bstep=\d+", proc.stdout)) == 2, proc.stdout
+    assert len(re.findall(r"step=\d+ ", proc.stdout)) == 2, proc.stdout
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:

@@ -227,3 +227,22 @@ def test_full_finetune_writes_model(assets, tmp_path):
     base_dir = load_config(assets["config"]).model.path
     assert load_tokenizer(out / "model").encode("discharge diagnosis") == \
         load_tokenizer(base_dir).encode("discharge diagnosis")
+
+
+def test_merged_export_serves_the_adapted_policy(assets, tmp_path):
+    from minicd.model.hub import load_model, load_tokenizer
+    from minicd.model.lora import load_adapter
+
+    out = tmp_path / "merged_run"
+    run_sft(_cfg(assets, out, "train.max_steps=2", "data.val_limit=0", "sft.lr=5e-2",
+                 "train.export_merged=true"))
+    base_dir = load_config(assets["config"]).model.path
+    adapted = load_model(base_dir)
+    load_adapter(adapted, out / "adapter")
+    merged = load_model(out / "merged")
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, m, b = adapted.eval()(ids), merged.eval()(ids), load_model(base_dir).eval()(ids)
+    assert (a - b).abs().max() > 1e-4                 # the adapter matters
+    torch.testing.assert_close(m, a, rtol=0, atol=1e-5)
+    assert load_tokenizer(out / "merged").template == load_tokenizer(base_dir).template

@@ -127,8 +127,10 @@ def resume_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
     return state["step"], state["trainer"]
 
 
-def export_policy(policy: Policy, out_dir: Path, base: str) -> None:
-    """Final weights: PEFT adapter at ``out_dir/adapter`` (LoRA) or ``out_dir/model`` (full FT).
+def export_policy(policy: Policy, out_dir: Path, base: str, *, merged: bool = False) -> None:
+    """Final weights: PEFT adapter at ``out_dir/adapter`` (LoRA) or ``out_dir/model`` (full FT);
+    with ``merged`` (``train.export_merged``) a LoRA run also writes ``out_dir/merged``, the
+    adapter folded into the base weights with the tokenizer next to them (servable by vLLM).
 
     Collective under FSDP2 (every rank calls it; rank 0 writes)."""
     weights = dist.full_state_dict(policy.model, trainable_only=policy.lora_cfg is not None)
@@ -140,6 +142,10 @@ def export_policy(policy: Policy, out_dir: Path, base: str) -> None:
             save_model(policy.model, out_dir / "model", state_dict=weights)
             copy_tokenizer_files(resolve_checkpoint(base), out_dir / "model")
     dist.barrier()
+    if merged and policy.lora_cfg is not None:
+        from minicd.checkpoint import export_merged
+
+        export_merged(policy.model, out_dir / "merged", tokenizer_dir=resolve_checkpoint(base))
 
 
 def build_engine(cfg: Config, model: nn.Module, tok: Tokenizer, lora_cfg: LoRAConfig | None):

@@ -386,6 +386,6 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None) -> dict:
                 save(step)
     bar.close()
     if not stopped:
-        export_policy(policy, out_dir, cfg.model.path)
+        export_policy(policy, out_dir, cfg.model.path, merged=cfg.train.export_merged)
     logger.close()
     return {"step": step, "stopped": stopped, **last}

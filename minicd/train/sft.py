@@ -184,7 +184,7 @@ def run_sft(cfg: Config) -> dict:
                 save(step)
     bar.close()
     if not stopped:
-        export_policy(policy, out_dir, cfg.model.path)
+        export_policy(policy, out_dir, cfg.model.path, merged=cfg.train.export_merged)
     logger.close()
     return {"step": step, "stopped": stopped, **last}
 
