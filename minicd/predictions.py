@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from minicd.data.records import atomic_write, open_text
+from minicd.data.records import atomic_write, iter_jsonl
 from minicd.errors import DataError
 from minicd.parse import ParsedCodes
 
@@ -80,23 +80,15 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     rows: list[dict] = []
     seen: dict[tuple[str, int], int] = {}
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
-                                f"{exc.colno}); fix or remove this line") from None
-            row = validate_prediction(obj, f"{path}:{lineno}")
-            key = (row["id"], row["sample_index"])
-            if key in seen:
-                raise DataError(f"{path}:{lineno}: key 'id': id {row['id']!r} with sample_index "
-                                f"{row['sample_index']} already appeared on line {seen[key]}; "
-                                "remove the duplicate (e.g. from an appended re-run)")
-            seen[key] = lineno
-            rows.append(row)
+    for lineno, obj in iter_jsonl(path):
+        row = validate_prediction(obj, f"{path}:{lineno}")
+        key = (row["id"], row["sample_index"])
+        if key in seen:
+            raise DataError(f"{path}:{lineno}: key 'id': id {row['id']!r} with sample_index "
+                            f"{row['sample_index']} already appeared on line {seen[key]}; "
+                            "remove the duplicate (e.g. from an appended re-run)")
+        seen[key] = lineno
+        rows.append(row)
     return rows
 
 

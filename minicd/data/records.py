@@ -135,16 +135,25 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
     Blank lines are ignored. Any invalid line raises DataError naming ``file:line`` and the key.
     """
     path = Path(path)
+    fix = "fix or remove this line, or re-create the file with `python -m minicd.data prepare`"
+    for lineno, obj in iter_jsonl(path, fix):
+        yield _parse_line(obj, path, lineno)
+
+
+def iter_jsonl(path: str | os.PathLike,
+               fix: str = "fix or remove this line") -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) for each non-blank line of a ``.jsonl``/``.jsonl.gz`` file;
+    malformed JSON raises DataError naming ``file:line`` and ``fix``."""
+    path = Path(path)
     with open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise _bad(path, lineno, None, f"malformed JSON ({exc.msg} at column "
-                           f"{exc.colno})") from None
-            yield _parse_line(obj, path, lineno)
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
+                                f"{exc.colno}); {fix}") from None
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
