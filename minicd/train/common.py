@@ -24,7 +24,7 @@ from minicd.config import Config, DataConfig
 from minicd.data.records import Record, read_records
 from minicd.data.truncate import fit_prompt
 from minicd.errors import ConfigError, DataError
-from minicd.log import progress
+from minicd.log import MetricsLogger, progress
 from minicd.metrics import corpus_metrics
 from minicd.model.hub import (copy_tokenizer_files, load_model, load_tokenizer, resolve_checkpoint,
                               save_model)
@@ -125,6 +125,31 @@ def resume_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
     if changed and is_main:
         print(f"minicd: resuming {ckpt} with changed config keys: {', '.join(changed)}")
     return state["step"], state["trainer"]
+
+
+def open_metrics_logger(cfg: Config, is_main: bool) -> MetricsLogger:
+    """``train.output_dir/metrics.jsonl`` (rank 0 only) plus the optional ``[log]`` sinks."""
+    return MetricsLogger(Path(cfg.train.output_dir) / "metrics.jsonl", enabled=is_main,
+                         tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
+                         config=cfg.to_dict())
+
+
+def end_step(cfg: Config, step: int, total: int, metrics: dict, *, model: nn.Module,
+             tok: Tokenizer, val_recs: Sequence[Record], val_prompts: Sequence[list[int]],
+             logger: MetricsLogger, save, stop_requested: bool) -> bool:
+    """What every stage does after an optimizer step: greedy validation every
+    ``train.eval_every`` steps and at the last one (added to ``metrics``), one metrics line, and a
+    checkpoint every ``train.save_every`` steps, at the end, or when a stop was requested
+    (SIGTERM on any rank). Returns True when the loop must stop now. Collective under FSDP2."""
+    t = cfg.train
+    if val_recs and (step % t.eval_every == 0 or step == total):
+        metrics.update(greedy_validate(model, tok, val_recs, cfg.data, cfg.rollout.max_new_tokens,
+                                       prompts=val_prompts))
+        model.train()
+    logger.log(metrics, step=step)
+    if stop_requested or step % t.save_every == 0 or step == total:
+        save(step)
+    return stop_requested
 
 
 def export_policy(policy: Policy, out_dir: Path, base: str, *, merged: bool = False) -> None:

@@ -44,15 +44,15 @@ from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
 from minicd.config import Config, GRPOConfig, dump_config
 from minicd.data.records import Record
 from minicd.errors import ConfigError
-from minicd.log import MetricsLogger, progress
+from minicd.log import progress
 from minicd.metrics import corpus_metrics, sample_f1
 from minicd.model.lora import disable_adapters
 from minicd.parse import ParsedCodes, parse_codes
 from minicd.rollout.engine import Generation, SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
 from minicd.train.common import (build_engine, build_optimizer, build_policy, clip_grad_norm,
-                                 export_policy, greedy_validate, load_split, prompt_ids,
-                                 resume_state)
+                                 end_step, export_policy, load_split,
+                                 open_metrics_logger, prompt_ids, resume_state)
 
 # (record, step, global prompt index) -> prompt token ids. PHI renders hinted prompts here.
 PromptBuilder = Callable[[Record, int, int], list[int]]
@@ -323,9 +323,7 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None) -> dict:
     if t.resume:
         step, _ = resume_state(cfg, model, optimizer, config_text=config_text,
                                is_main=info.is_main)
-    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=info.is_main,
-                           tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
-                           config=cfg.to_dict())
+    logger = open_metrics_logger(cfg, info.is_main)
     last: dict = {}
     stopped = False
 
@@ -371,19 +369,13 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None) -> dict:
             last = {**stats, **upd, "lr": lr, "time_gen_s": time_gen, "step_time_s": dt,
                     "tokens_per_s": (all_tokens + stats["response_tokens"]) / max(dt, 1e-9),
                     "epoch": step / steps_per_epoch}
-            if val_recs and (step % t.eval_every == 0 or step == total):
-                last.update(greedy_validate(model, tok, val_recs, cfg.data, ro.max_new_tokens,
-                                            prompts=val_prompts))
-                model.train()
-            logger.log(last, step=step)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward_mean']:.3f}")
-            if flag.any_rank():
-                save(step)
-                stopped = True
+            stopped = end_step(cfg, step, total, last, model=model, tok=tok, val_recs=val_recs,
+                               val_prompts=val_prompts, logger=logger, save=save,
+                               stop_requested=flag.any_rank())
+            if stopped:
                 break
-            if step % t.save_every == 0 or step == total:
-                save(step)
     bar.close()
     if not stopped:
         export_policy(policy, out_dir, cfg.model.path, merged=cfg.train.export_merged)

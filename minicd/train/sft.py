@@ -23,14 +23,13 @@ import torch
 from minicd import dist
 from minicd.algo.logprobs import model_token_logprobs
 from minicd.algo.sft import collate_sft, sft_loss
-from minicd.checkpoint import (SigtermFlag, capture_rng, config_diff, load_checkpoint,
-                               restore_rng, resume_checkpoint, save_checkpoint)
+from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
 from minicd.config import Config, dump_config
 from minicd.errors import ConfigError
-from minicd.log import MetricsLogger, progress
+from minicd.log import progress
 from minicd.train.common import (build_optimizer, build_policy, clip_grad_norm, cosine_schedule,
-                                 encode_record, export_policy, greedy_validate, load_split,
-                                 prompt_ids)
+                                 encode_record, end_step, export_policy, load_split,
+                                 open_metrics_logger, prompt_ids, resume_state)
 
 MEGA_BATCH_MICRO_BATCHES = 50  # length grouping sorts within this many micro-batches
 
@@ -103,18 +102,9 @@ def run_sft(cfg: Config) -> dict:
     step = 0
     config_text = dump_config(cfg)
     if t.resume:
-        ckpt = resume_checkpoint(out_dir)
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        if state["rng"] is not None:
-            restore_rng(state["rng"])
-        step = state["step"]
-        changed = [k for k in config_diff(state["config_text"], config_text) if k != "train.resume"]
-        if changed and info.is_main:
-            print(f"minicd: resuming {ckpt} with changed config keys: {', '.join(changed)}")
-
-    logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=info.is_main,
-                           tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
-                           config=cfg.to_dict())
+        step, _ = resume_state(cfg, model, optimizer, scheduler, config_text=config_text,
+                               is_main=info.is_main)
+    logger = open_metrics_logger(cfg, info.is_main)
     order_epoch, order = -1, []
     last: dict = {}
     stopped = False
@@ -168,20 +158,13 @@ def run_sft(cfg: Config) -> dict:
             last = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": n_tok / max(dt, 1e-9), "response_tokens": int(global_resp),
                     "step_time_s": dt, "epoch": step / steps_per_epoch}
-            if step % t.eval_every == 0 or step == total:
-                if val_recs:
-                    last.update(greedy_validate(model, tok, val_recs, cfg.data,
-                                                cfg.rollout.max_new_tokens, prompts=val_prompts))
-                    model.train()
-            logger.log(last, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}")
-            if flag.any_rank():
-                save(step)
-                stopped = True
+            stopped = end_step(cfg, step, total, last, model=model, tok=tok, val_recs=val_recs,
+                               val_prompts=val_prompts, logger=logger, save=save,
+                               stop_requested=flag.any_rank())
+            if stopped:
                 break
-            if step % t.save_every == 0 or step == total:
-                save(step)
     bar.close()
     if not stopped:
         export_policy(policy, out_dir, cfg.model.path, merged=cfg.train.export_merged)
