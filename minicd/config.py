@@ -68,6 +68,8 @@ class TrainConfig:
     grad_accum: int = 4                # global batch = micro_batch_size x grad_accum x world size
     max_steps: int | None = None       # stop after this many optimizer steps (None: epochs decide)
     eval_every: int = 200
+    eval_at_start: bool = True         # greedy validation of the starting policy, logged as step 0
+                                       #   (the baseline a stage's curve is read against)
     save_every: int = 200
     keep_last: int = 2
     export_merged: bool = False        # also write output_dir/merged: LoRA folded in, HF format
@@ -103,6 +105,8 @@ class GRPOConfig:
     adv_std: str = "unbiased"          # unbiased | biased | none (Dr.GRPO mean-only)
     epochs: float = 1.0
     updates_per_batch: int = 1
+    shared_prefix: bool = True         # compute each group's prompt once, not G times (same math;
+                                       #   off with model.activation_checkpointing)
 
 
 @dataclass

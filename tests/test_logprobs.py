@@ -154,3 +154,44 @@ def test_model_token_logprobs_match_naive():
     plain = plain.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, 7]
     assert last.shape == (B, 3)
     assert (last - plain[:, -3:]).abs().max() <= ATOL
+
+
+def test_shared_prefix_logprobs_equal_per_row_forwards():
+    """Each prompt computed once (KV cache, gathered per sample) = every row run alone, unpadded:
+    log-probs, entropies and the gradients of a weighted sum, through a LoRA adapter too."""
+    from minicd.algo.logprobs import shared_prefix_logprobs
+    from minicd.model.lora import LoRAConfig, inject_lora
+
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=2, alpha=4.0), generator=torch.Generator().manual_seed(3))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # nonzero B: the adapter changes the outputs
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, V, (n,), generator=gen).tolist() for n in (6, 2, 9)]
+    owner = [0, 0, 0, 1, 2, 2]
+    responses = [torch.randint(1, V, (n,), generator=gen).tolist() for n in (3, 1, 4, 2, 4, 1)]
+    weights = torch.randn(len(owner), 4, generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    logp, ent = shared_prefix_logprobs(model, prompts, responses, owner, pad_id=0,
+                                       with_entropy=True)
+    assert logp.shape == ent.shape == (6, 4)
+    total = 0.0
+    ref_rows = []
+    for i, (o, r) in enumerate(zip(owner, responses)):
+        ids = torch.tensor([prompts[o] + r])
+        logp_all = torch.log_softmax(model(ids)[0, len(prompts[o]) - 1:-1].float(), -1)  # [n, V]
+        ref = logp_all.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+        ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+        assert (logp[i, :len(r)] - ref).abs().max() <= ATOL, i
+        assert (ent[i, :len(r)] - ref_ent).abs().max() <= ATOL, i
+        total = total + (ref * weights[i, :len(r)]).sum()
+        ref_rows.append(len(r))
+    mask = torch.tensor([[1.0] * n + [0.0] * (4 - n) for n in ref_rows])
+    for g, r in zip(grads((logp * mask * weights).sum(), *params), grads(total, *params)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=ATOL)  # grads reach ~10 here
+    with pytest.raises(ValueError, match=">= 2 tokens"):
+        shared_prefix_logprobs(model, [[5]], [[1, 2]], [0], pad_id=0)
+    with pytest.raises(ValueError, match="owner"):
+        shared_prefix_logprobs(model, prompts, responses, owner[:-1], pad_id=0)

@@ -216,8 +216,10 @@ def _reference_loss(model, batch, g: GRPOConfig) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
-def test_update_equals_whole_batch_loss_and_is_micro_batch_invariant(assets, agg):
-    g = GRPOConfig(kl_coef=0.1, grad_clip=0.0, agg=agg, lr=1e-3, weight_decay=0.0)
+@pytest.mark.parametrize("shared", [True, False])  # prompt once per group / collated rows
+def test_update_equals_whole_batch_loss_and_is_micro_batch_invariant(assets, agg, shared):
+    g = GRPOConfig(kl_coef=0.1, grad_clip=0.0, agg=agg, lr=1e-3, weight_decay=0.0,
+                   shared_prefix=shared)
     model, batch = _update_inputs(assets)
     ref_model = copy.deepcopy(model)
     expected = _reference_loss(ref_model, batch, g)
@@ -306,7 +308,9 @@ def test_cli_grpo_with_torch_engine(assets, tmp_path):
                            "data.val_limit=2", "train.num_threads=1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = read_metrics(out / "metrics.jsonl")[0]
+    start, row = read_metrics(out / "metrics.jsonl")
+    # step 0 (train.eval_at_start): validation only; zero-init B, so the policy is the base model
+    assert start["step"] == 0 and "reward_mean" not in start and "val/micro_f1" in start
     assert STEP_KEYS <= set(row) and 0.0 <= row["val/micro_f1"] <= 1.0
     assert row["kl"] == 0.0  # zero-initialised B: real rollouts, reference == policy
     assert 1 <= row["response_len_mean"] <= 6 and row["response_tokens"] > 0

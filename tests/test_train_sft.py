@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from minicd.config import load_config
 from minicd.data.records import read_records
 from minicd.log import read_metrics
-from minicd.train.common import cosine_lambda
+from minicd.model.hub import load_model, load_tokenizer
+from minicd.train.common import cosine_lambda, greedy_validate
 from minicd.train.sft import epoch_micro_batches, run_sft
 from train_fixtures import build_assets
 
@@ -92,7 +93,18 @@ def test_sft_run_lowers_loss_and_writes_outputs(assets, tmp_path):
     out = tmp_path / "run"
     result = run_sft(_cfg(assets, out, "train.max_steps=6"))
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    # step 0 (train.eval_at_start): greedy validation of the starting policy. The fresh adapter's
+    # B is zero, so that policy is the base model: score it independently here.
+    cfg = _cfg(assets, out)
+    base = load_model(cfg.model.path, dtype=torch.float32)
+    tok = load_tokenizer(cfg.model.path)
+    val = read_records(Path(cfg.data.dir) / "val.jsonl")[:cfg.data.val_limit]
+    expected = greedy_validate(base, tok, val, cfg.data, cfg.rollout.max_new_tokens)
+    start, rows = rows[0], rows[1:]
+    assert set(start) == {"step", "time_s", *expected}
+    for k, v in expected.items():
+        assert start[k] == pytest.approx(v, abs=1e-12), k
     for r in rows:
         assert STEP_KEYS <= set(r)
         assert r["response_tokens"] > 0 and r["tokens_per_s"] > 0
@@ -146,7 +158,7 @@ def test_cli(assets, tmp_path):
               "train.max_steps=1", "data.val_limit=1", "train.num_threads=1")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert len(read_metrics(out / "metrics.jsonl")) == 1
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]  # 0: eval_at_start
     bad = _cli("--stage", "sft", "--config", str(assets["config"]), "sft.learning_rate=1")
     assert bad.returncode == 2
     assert "sft.learning_rate" in bad.stderr and "Traceback" not in bad.stderr

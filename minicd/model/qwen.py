@@ -321,7 +321,10 @@ class KVCache:
     Slots are shared by all rows: a forward of T tokens writes slots ``[length, length + T)``.
     ``valid[b, s]`` marks slots holding a real (non-pad) token, so a left-padded prefill followed
     by one-token decode steps works; each row's positions continue from its count of real tokens.
-    Capacity grows (doubling) when exceeded. Use under ``torch.no_grad()``/``inference_mode``.
+    Capacity grows (doubling) when exceeded. Used under ``torch.no_grad()`` for decoding; with
+    autograd on, gradients flow through the cached keys/values (writes are differentiable slice
+    copies, ``select`` a differentiable gather), which is how
+    :func:`minicd.algo.logprobs.shared_prefix_logprobs` trains on a prompt computed once per group.
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_len: int, *,
@@ -365,6 +368,9 @@ class KVCache:
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k/v ``[B, kv, T, hd]``; return all cached k/v ``[B, kv, S, hd]``."""
         end = self.length + k.shape[2]
+        if self.keys[layer_idx].dtype != k.dtype:  # e.g. FSDP2 mixed precision computes in bf16
+            self.keys[layer_idx] = self.keys[layer_idx].to(k.dtype)
+            self.values[layer_idx] = self.values[layer_idx].to(v.dtype)
         self.keys[layer_idx][:, :, self.length: end] = k
         self.values[layer_idx][:, :, self.length: end] = v
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]

@@ -1,10 +1,11 @@
 """A pure-torch rollout engine: batched KV-cache sampling with the live policy module.
 
 Each request is expanded to one row per (prompt, sample), prompt-major, and cut into batches of
-at most ``max_batch_size`` rows. A batch is left-padded, prefilled once into a
-:class:`~minicd.model.qwen.KVCache`, then decoded one token per step; a row finishes at one of
-``stop_ids`` or after ``max_new_tokens`` and is dropped from the cache (``KVCache.select``), so
-later steps only run the unfinished rows. Logits are cast to fp32 before sampling.
+at most ``max_batch_size`` rows. A batch's distinct prompts are left-padded and prefilled once
+into a :class:`~minicd.model.qwen.KVCache` (a prompt's samples then get copies of its cache row),
+and the batch is decoded one token per step; a row finishes at one of ``stop_ids`` or after
+``max_new_tokens`` and is dropped from the cache (``KVCache.select``), so later steps only run
+the unfinished rows. Logits are cast to fp32 before sampling.
 
 There is no weight copy: the engine calls the very module the trainer updates, so
 ``sync_policy`` only bumps the weight version (it exists so the stage loops can treat this engine
@@ -144,16 +145,29 @@ class TorchEngine:
     def _generate_batch(self, prompts: list[Sequence[int]], params: SamplingParams,
                         generator: torch.Generator | None,
                         ) -> list[tuple[list[int], list[float] | None, str]]:
-        """(token_ids, logprobs, finish_reason) per row of one batch."""
+        """(token_ids, logprobs, finish_reason) per row of one batch.
+
+        Rows are prompt-major, so the ``n`` samples of a prompt are consecutive: each distinct
+        prompt is prefilled once and its cache row and last logits are copied to its samples."""
         b, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)  # [B, W] left-padded
-        mask = torch.zeros(b, width, dtype=torch.long)  # [B, W]
-        for r, p in enumerate(prompts):
+        distinct, owner = [], []  # consecutive equal prompts share one prefill row
+        for p in prompts:
+            if not (distinct and list(distinct[-1]) == list(p)):
+                distinct.append(p)
+            owner.append(len(distinct) - 1)
+        u = len(distinct)
+        ids = torch.full((u, width), self.pad_id, dtype=torch.long)  # [U, W] left-padded
+        mask = torch.zeros(u, width, dtype=torch.long)  # [U, W]
+        for r, p in enumerate(distinct):
             ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
             mask[r, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = KVCache.for_model(self.model, b, width + params.max_new_tokens)
-        logits = self._last_logits(ids, mask, cache)  # [B, V]
+        cache = KVCache.for_model(self.model, u, width + params.max_new_tokens)
+        logits = self._last_logits(ids, mask, cache)  # [U, V]
+        if u < b:
+            rows = torch.as_tensor(owner, device=self.device)
+            cache.select(rows)
+            logits = logits[rows]  # [B, V]
 
         stop = set(params.stop_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]

@@ -134,6 +134,17 @@ def open_metrics_logger(cfg: Config, is_main: bool) -> MetricsLogger:
                          config=cfg.to_dict())
 
 
+def start_step(cfg: Config, step: int, *, model: nn.Module, tok: Tokenizer,
+               val_recs: Sequence[Record], val_prompts: Sequence[list[int]],
+               logger: MetricsLogger) -> None:
+    """Before the first step of a fresh run (not a resume): with ``train.eval_at_start``, greedy
+    validation of the starting policy, logged as step 0 so every curve starts at its baseline."""
+    if step == 0 and cfg.train.eval_at_start and val_recs:
+        logger.log(greedy_validate(model, tok, val_recs, cfg.data, cfg.rollout.max_new_tokens,
+                                   prompts=val_prompts), step=0)
+        model.train()
+
+
 def end_step(cfg: Config, step: int, total: int, metrics: dict, *, model: nn.Module,
              tok: Tokenizer, val_recs: Sequence[Record], val_prompts: Sequence[list[int]],
              logger: MetricsLogger, save, stop_requested: bool) -> bool:

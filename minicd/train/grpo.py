@@ -39,7 +39,7 @@ from torch import nn
 
 from minicd import dist
 from minicd.algo.grpo import group_advantages, policy_loss
-from minicd.algo.logprobs import model_token_logprobs
+from minicd.algo.logprobs import model_token_logprobs, shared_prefix_logprobs
 from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
 from minicd.config import Config, GRPOConfig, dump_config
 from minicd.data.records import Record
@@ -52,7 +52,7 @@ from minicd.rollout.engine import Generation, SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
 from minicd.train.common import (build_engine, build_optimizer, build_policy, clip_grad_norm,
                                  end_step, export_policy, load_split,
-                                 open_metrics_logger, prompt_ids, resume_state)
+                                 open_metrics_logger, prompt_ids, resume_state, start_step)
 
 # (record, step, global prompt index) -> prompt token ids. PHI renders hinted prompts here.
 PromptBuilder = Callable[[Record, int, int], list[int]]
@@ -165,6 +165,55 @@ def response_logprobs(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, r
     return model_token_logprobs(model, ids, attn, last_n=r_len, with_entropy=with_entropy)
 
 
+@dataclass
+class MicroBatch:
+    """Rows ``[s, s + micro_batch_size)`` of a :class:`RolloutBatch`, ready to score.
+
+    ``shared``: the prompts of consecutive rows that share one are computed once
+    (:func:`shared_prefix_logprobs`); otherwise rows are collated ``[prompt | response]``."""
+
+    prompts: list[list[int]]       # shared: the distinct prompts; else one per row
+    responses: list[list[int]]
+    owner: list[int]               # prompt index of each row
+    mask: torch.Tensor             # [b, R] 1 on real response tokens
+    advantages: torch.Tensor       # [b]
+    shared: bool
+    pad_id: int
+
+    def logprobs(self, model: nn.Module, with_entropy: bool = False):
+        """Log-probs ``[b, R]`` (and entropies) of the responses under ``model``."""
+        if self.shared:
+            return shared_prefix_logprobs(model, self.prompts, self.responses, self.owner,
+                                          self.pad_id, with_entropy=with_entropy)
+        ids, attn, _ = collate_rollouts([self.prompts[o] for o in self.owner], self.responses,
+                                        self.pad_id)
+        device = self.mask.device
+        return response_logprobs(model, ids.to(device), attn.to(device), self.mask.shape[1],
+                                 with_entropy=with_entropy)
+
+
+def micro_batches(batch: RolloutBatch, micro_batch_size: int, pad_id: int, *, shared: bool,
+                  device: torch.device | str = "cpu") -> list[MicroBatch]:
+    """Cut ``batch`` into micro-batches; with ``shared``, consecutive rows with equal prompts
+    (the G samples of a group) point at one copy of it. Prompts under 2 tokens disable sharing."""
+    shared = shared and min(len(p) for p in batch.prompts) >= 2
+    out = []
+    for s in range(0, len(batch.prompts), micro_batch_size):
+        prompts, owner = [], []
+        for p in batch.prompts[s:s + micro_batch_size]:
+            if not (shared and prompts and prompts[-1] == p):
+                prompts.append(list(p))
+            owner.append(len(prompts) - 1)
+        responses = [list(r) for r in batch.responses[s:s + micro_batch_size]]
+        r_len = max(len(r) for r in responses)
+        mask = torch.zeros(len(responses), r_len)                            # [b, R]
+        for i, r in enumerate(responses):
+            mask[i, :len(r)] = 1
+        out.append(MicroBatch(prompts, responses, owner, mask.to(device),
+                              batch.advantages[s:s + micro_batch_size].to(device), shared, pad_id))
+    return out
+
+
 def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
                 g: GRPOConfig, *, micro_batch_size: int, pad_id: int,
                 device: torch.device | str = "cpu") -> dict[str, float]:
@@ -173,20 +222,18 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
     The loss of each micro-batch (``policy_loss``, a mean over its own tokens or rows) is weighted
     by its share of the GLOBAL token (token-mean) or row (seq-mean) count and multiplied by the
     world size, because FSDP averages gradients over ranks: the summed gradient is that of the
-    global-batch loss, whatever the micro-batching and world size. Returns global floats: loss,
-    pg_loss, kl, clip fractions, approx_kl_old, ratio_mean, entropy, grad_norm (of the last
-    update), time_logp_s and time_update_s. Gradients of the last update stay in ``.grad``.
+    global-batch loss, whatever the micro-batching and world size. With ``g.shared_prefix`` each
+    group's prompt is computed once per micro-batch (:func:`shared_prefix_logprobs`; same
+    values and gradients up to float rounding). Returns global floats: loss, pg_loss, kl, clip
+    fractions, approx_kl_old, ratio_mean, entropy, grad_norm (of the last update), time_logp_s
+    and time_update_s. Gradients of the last update stay in ``.grad``.
     """
     world = dist.get_world_size()
-    n = len(batch.prompts)
-    mbs = []  # (ids, attn, response mask, advantages, R) per micro-batch
-    for s in range(0, n, micro_batch_size):
-        ids, attn, mask = collate_rollouts(batch.prompts[s:s + micro_batch_size],
-                                           batch.responses[s:s + micro_batch_size], pad_id)
-        mbs.append((ids.to(device), attn.to(device), mask.to(device),
-                    batch.advantages[s:s + micro_batch_size].to(device), mask.shape[1]))
-    tokens = [float(m[2].sum()) for m in mbs]
-    rows = [float(m[2].shape[0]) for m in mbs]
+    shared = g.shared_prefix and not getattr(getattr(model, "model", None),
+                                             "activation_checkpointing", False)
+    mbs = micro_batches(batch, micro_batch_size, pad_id, shared=shared, device=device)
+    tokens = [float(m.mask.sum()) for m in mbs]
+    rows = [float(m.mask.shape[0]) for m in mbs]
     global_tokens = float(dist.all_reduce_sum(sum(tokens)))
     global_rows = float(dist.all_reduce_sum(sum(rows)))
     # share of the global loss each micro-batch's own mean stands for (x world: FSDP averages)
@@ -199,9 +246,9 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
     with torch.no_grad():
         if g.kl_coef != 0:  # reference policy = this model with its adapter disabled
             with disable_adapters(model):
-                ref = [response_logprobs(model, ids, attn, r) for ids, attn, _, _, r in mbs]
+                ref = [m.logprobs(model) for m in mbs]
         if g.updates_per_batch > 1:  # old policy = the weights that sampled the batch
-            old = [response_logprobs(model, ids, attn, r) for ids, attn, _, _, r in mbs]
+            old = [m.logprobs(model) for m in mbs]
     time_logp = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -209,10 +256,11 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
         sums = dict.fromkeys(("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high",
                               "dual_clip_frac", "approx_kl_old", "ratio_mean", "entropy"), 0.0)
         optimizer.zero_grad(set_to_none=True)
-        for k, (ids, attn, mask, adv, r) in enumerate(mbs):
+        for k, m in enumerate(mbs):
+            mask, adv = m.mask, m.advantages
             if world > 1 and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(k == len(mbs) - 1)
-            logp, entropy = response_logprobs(model, ids, attn, r, with_entropy=True)  # [b, R]
+            logp, entropy = m.logprobs(model, with_entropy=True)  # [b, R]
             old_logp = logp.detach() if old[k] is None else old[k]
             loss, stats = policy_loss(logp, old_logp, ref[k], adv, mask, g.clip_low, g.clip_high,
                                       g.kl_coef, g.kl_kind, g.agg, g.dual_clip)
@@ -324,6 +372,8 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None) -> dict:
         step, _ = resume_state(cfg, model, optimizer, config_text=config_text,
                                is_main=info.is_main)
     logger = open_metrics_logger(cfg, info.is_main)
+    start_step(cfg, step, model=model, tok=tok, val_recs=val_recs, val_prompts=val_prompts,
+               logger=logger)
     last: dict = {}
     stopped = False
 

@@ -190,6 +190,7 @@ def round_config(cfg: Config, out: Path, r: int, base: str, start_adapter: str |
     c.model.path = base
     c.lora.init_adapter = start_adapter if r == 0 else str(out / f"round-{r - 1}" / "adapter")
     c.lora.init_mode = "continue"  # with init_adapter None: a fresh adapter on `base`
+    c.train.eval_at_start = cfg.train.eval_at_start and r == 0  # later rounds: = previous end
     return c
 
 

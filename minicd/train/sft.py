@@ -29,7 +29,7 @@ from minicd.errors import ConfigError
 from minicd.log import progress
 from minicd.train.common import (build_optimizer, build_policy, clip_grad_norm, cosine_schedule,
                                  encode_record, end_step, export_policy, load_split,
-                                 open_metrics_logger, prompt_ids, resume_state)
+                                 open_metrics_logger, prompt_ids, resume_state, start_step)
 
 MEGA_BATCH_MICRO_BATCHES = 50  # length grouping sorts within this many micro-batches
 
@@ -105,6 +105,8 @@ def run_sft(cfg: Config) -> dict:
         step, _ = resume_state(cfg, model, optimizer, scheduler, config_text=config_text,
                                is_main=info.is_main)
     logger = open_metrics_logger(cfg, info.is_main)
+    start_step(cfg, step, model=model, tok=tok, val_recs=val_recs, val_prompts=val_prompts,
+               logger=logger)
     order_epoch, order = -1, []
     last: dict = {}
     stopped = False
