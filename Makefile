@@ -47,8 +47,8 @@ DEMO_N      ?= 2000
 DEMO_SEED   ?= 0
 DEMO_MODEL  ?= --hidden 160 --layers 4 --heads 4 --kv-heads 2 --head-dim 40 --vocab-size 1536
 DEMO_SFT    ?=
-DEMO_GRPO   ?= train.max_steps=40
-DEMO_PHI    ?= train.max_steps=15 data.train_limit=300
+DEMO_GRPO   ?= train.max_steps=80 train.eval_every=20
+DEMO_PHI    ?= train.max_steps=20 data.train_limit=300 train.eval_every=20
 DEMO_EVAL_LIMIT ?=
 CFG   := configs/demo.toml
 DATA  := $(DEMO)/data/mimic3/top50

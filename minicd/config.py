@@ -106,7 +106,7 @@ class GRPOConfig:
     epochs: float = 1.0
     updates_per_batch: int = 1
     shared_prefix: bool = True         # compute each group's prompt once, not G times (same math;
-                                       #   off with model.activation_checkpointing)
+                                       #   single process only; off with activation checkpointing)
 
 
 @dataclass

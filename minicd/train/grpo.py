@@ -229,8 +229,10 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
     and time_update_s. Gradients of the last update stay in ``.grad``.
     """
     world = dist.get_world_size()
-    shared = g.shared_prefix and not getattr(getattr(model, "model", None),
-                                             "activation_checkpointing", False)
+    # one process only for now: two forwards before one backward crashed FSDP2 on gloo (SIGSEGV,
+    # torch 2.13), so sharded training falls back to the collated rows
+    shared = g.shared_prefix and world == 1 and not getattr(getattr(model, "model", None),
+                                                            "activation_checkpointing", False)
     mbs = micro_batches(batch, micro_batch_size, pad_id, shared=shared, device=device)
     tokens = [float(m.mask.sum()) for m in mbs]
     rows = [float(m.mask.shape[0]) for m in mbs]
