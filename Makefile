@@ -67,6 +67,8 @@ demo-fast: install
 	  DEMO_PHI="phi.rounds=1 train.max_steps=2 data.train_limit=40"
 
 demo-run:
+	@# a fresh run: rollout.py resumes into existing prediction files and would keep stale rows
+	rm -rf $(DEMO)
 	$(STAGE) "1/8 synthetic MIMIC-III-shaped raw tables"
 	$(PY) -m minicd.data.synthetic --out $(DEMO)/raw --source mimic3 --n $(DEMO_N) \
 	  --seed $(DEMO_SEED) --min-words 70 --max-words 170 --max-codes 8 > /dev/null
