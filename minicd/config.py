@@ -105,8 +105,8 @@ class GRPOConfig:
     adv_std: str = "unbiased"          # unbiased | biased | none (Dr.GRPO mean-only)
     epochs: float = 1.0
     updates_per_batch: int = 1
-    shared_prefix: bool = True         # compute each group's prompt once, not G times (same math;
-                                       #   single process only; off with activation checkpointing)
+    shared_prefix: bool = True         # compute each group's prompt once, not G times: the prompt
+                                       #   and its samples packed in one row (same math)
 
 
 @dataclass

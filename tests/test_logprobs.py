@@ -157,8 +157,9 @@ def test_model_token_logprobs_match_naive():
 
 
 def test_shared_prefix_logprobs_equal_per_row_forwards():
-    """Each prompt computed once (KV cache, gathered per sample) = every row run alone, unpadded:
-    log-probs, entropies and the gradients of a weighted sum, through a LoRA adapter too."""
+    """Each prompt computed once (packed with its samples under a block mask) = every row run
+    alone, unpadded: log-probs, entropies and the gradients of a weighted sum, through a LoRA
+    adapter too; a one-token prompt and uneven groups included."""
     from minicd.algo.logprobs import shared_prefix_logprobs
     from minicd.model.lora import LoRAConfig, inject_lora
 
@@ -168,7 +169,7 @@ def test_shared_prefix_logprobs_equal_per_row_forwards():
         if "lora_B" in name:  # nonzero B: the adapter changes the outputs
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(1, V, (n,), generator=gen).tolist() for n in (6, 2, 9)]
+    prompts = [torch.randint(1, V, (n,), generator=gen).tolist() for n in (6, 1, 9)]
     owner = [0, 0, 0, 1, 2, 2]
     responses = [torch.randint(1, V, (n,), generator=gen).tolist() for n in (3, 1, 4, 2, 4, 1)]
     weights = torch.randn(len(owner), 4, generator=gen)
@@ -191,7 +192,7 @@ def test_shared_prefix_logprobs_equal_per_row_forwards():
     mask = torch.tensor([[1.0] * n + [0.0] * (4 - n) for n in ref_rows])
     for g, r in zip(grads((logp * mask * weights).sum(), *params), grads(total, *params)):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=ATOL)  # grads reach ~10 here
-    with pytest.raises(ValueError, match=">= 2 tokens"):
-        shared_prefix_logprobs(model, [[5]], [[1, 2]], [0], pad_id=0)
+    with pytest.raises(ValueError, match=">= 1 token"):
+        shared_prefix_logprobs(model, [[]], [[1, 2]], [0], pad_id=0)
     with pytest.raises(ValueError, match="owner"):
         shared_prefix_logprobs(model, prompts, responses, owner[:-1], pad_id=0)

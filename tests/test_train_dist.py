@@ -140,8 +140,6 @@ group_size = 4
 prompts_per_step = 2
 lr = 5e-2
 kl_coef = 0.5
-shared_prefix = false  # sharded runs use collated rows; compare like with like (Adam at lr 5e-2
-                       # magnifies float-rounding differences of near-zero gradients)
 [rollout]
 engine = "torch"
 max_new_tokens = 8

@@ -148,53 +148,67 @@ def shared_prefix_logprobs(
 
     GRPO scores G samples of the same prompt; on a 450-token prompt with 30-token answers the
     collated rows ``[prompt | response]`` spend ~90% of the forward and backward on G identical
-    copies of the prompt. Here the prompts minus their last token are prefilled into a
-    :class:`~minicd.model.qwen.KVCache` (left-padded, ``[P, Lp]``), the cache rows are gathered to
-    one per response, and a second forward runs ``[last prompt token | response]`` (right-padded,
-    ``[N, 1 + R]``) against it. With autograd on, the gradient of the shared prompt computation is
-    the sum over its samples: the same math as the collated rows, up to float rounding.
+    copies of the prompt. Here each prompt is packed with all of its responses into one row
+    ``[prompt | r_1 | r_2 | ...]`` (right-padded to the longest pack) under a block attention mask:
+    prompt tokens attend causally to the prompt, response tokens to the whole prompt and causally
+    to their own response, never to a sibling; each response's positions continue from the end
+    of the prompt. Every response therefore sees exactly the context of its own collated row,
+    and the gradient through the shared prompt is the sum over its samples: the same values and
+    gradients as the collated rows, up to float rounding. One ordinary forward, so FSDP2 and
+    activation checkpointing work unchanged.
 
-    Needs a model whose forward takes ``kv_cache`` and ``head_fn`` (:class:`QwenForCausalLM`,
-    plain or FSDP2-wrapped) and prompts of >= 2 tokens. Positions past a response's end are
-    computed on ``pad_id`` and must be masked by the caller (as with the collated rows).
-    Returns fp32 log-probs ``[N, R]`` (R = longest response), and entropies with ``with_entropy``.
+    Needs a model whose forward takes an explicit ``[B, 1, T, T]`` boolean ``attention_mask`` with
+    ``position_ids`` and a ``head_fn`` (:class:`QwenForCausalLM`, plain or FSDP2-wrapped).
+    Positions past a response's end are computed on ``pad_id`` and must be masked by the caller
+    (as with the collated rows). Returns fp32 log-probs ``[N, R]`` (R = longest response, >= 1),
+    and entropies with ``with_entropy``.
     """
-    from minicd.model.qwen import KVCache  # model code imports nothing from algo
-
     if not responses:
         raise ValueError("shared_prefix_logprobs: no responses")
     if len(owner) != len(responses) or not all(0 <= o < len(prompts) for o in owner):
         raise ValueError(f"owner must give one prompt index in [0, {len(prompts)}) per response")
-    if min(len(p) for p in prompts) < 2:
-        raise ValueError("shared_prefix_logprobs needs prompts of >= 2 tokens")
-    core = getattr(model, "module", model)
-    config = getattr(core, "config", None)
-    params = next(model.parameters())
-    device = params.device
+    if min(len(p) for p in prompts) < 1:
+        raise ValueError("shared_prefix_logprobs needs prompts of >= 1 token")
+    device = next(model.parameters()).device
     n_p, n_r = len(prompts), len(responses)
-    width = max(len(p) for p in prompts) - 1
     r_len = max(1, max(len(r) for r in responses))
-    prefix = torch.full((n_p, width), pad_id, dtype=torch.long)          # [P, Lp] left-padded
-    prefix_mask = torch.zeros(n_p, width, dtype=torch.long)              # [P, Lp]
-    for i, p in enumerate(prompts):
-        prefix[i, width - len(p) + 1:] = torch.as_tensor(list(p[:-1]), dtype=torch.long)
-        prefix_mask[i, width - len(p) + 1:] = 1
-    seg = torch.full((n_r, 1 + r_len), pad_id, dtype=torch.long)       # [N, 1+R] right-padded
-    seg_mask = torch.zeros(n_r, 1 + r_len, dtype=torch.long)            # [N, 1+R]
-    for i, (o, r) in enumerate(zip(owner, responses)):
-        seg[i, 0] = prompts[o][-1]
-        seg[i, 1:1 + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        seg_mask[i, :1 + len(r)] = 1
-    prefix, prefix_mask = prefix.to(device), prefix_mask.to(device)
-    seg, seg_mask = seg.to(device), seg_mask.to(device)
-
-    cache = KVCache(config, n_p, width + 1 + r_len, dtype=params.dtype, device=device)
-    model(prefix, attention_mask=prefix_mask, kv_cache=cache, head_fn=lambda h, head: None)
-    cache.select(torch.as_tensor(list(owner), dtype=torch.long, device=device))  # [N, ...]
+    members: list[list[int]] = [[] for _ in range(n_p)]
+    for i, o in enumerate(owner):
+        members[o].append(i)
+    width = max(len(p) + sum(len(responses[i]) for i in m) for p, m in zip(prompts, members))
+    ids = torch.full((n_p, width), pad_id, dtype=torch.long)        # [P, T] packs, right-padded
+    pos = torch.zeros(n_p, width, dtype=torch.long)                  # [P, T] position ids
+    seg = torch.full((n_p, width), -2, dtype=torch.long)             # [P, T] -1 prompt, i response
+    src = torch.zeros(n_r, r_len, dtype=torch.long)                  # [N, R] pack slot predicting
+    targets = torch.full((n_r, r_len), pad_id, dtype=torch.long)     # [N, R] response tokens
+    for p_idx, (p, rows) in enumerate(zip(prompts, members)):
+        n = len(p)
+        ids[p_idx, :n], pos[p_idx, :n], seg[p_idx, :n] = torch.as_tensor(list(p)), \
+            torch.arange(n), -1
+        cursor = n
+        for i in rows:
+            r = list(responses[i])
+            k = len(r)
+            if k:
+                ids[p_idx, cursor:cursor + k] = torch.as_tensor(r)
+                pos[p_idx, cursor:cursor + k] = torch.arange(n, n + k)
+                seg[p_idx, cursor:cursor + k] = i
+                targets[i, :k] = torch.as_tensor(r)
+                # token t is predicted at the slot before it: the prompt's last slot for t = 0
+                src[i, :k] = torch.as_tensor([n - 1] + list(range(cursor, cursor + k - 1)))
+            cursor += k
+    slot = torch.arange(width)
+    seg_q, seg_k = seg[:, :, None], seg[:, None, :]                   # [P, T, 1], [P, 1, T]
+    allowed = (slot[None, None, :] <= slot[None, :, None]) & \
+        ((seg_k == -1) | (seg_k == seg_q)) & (seg_k != -2)            # [P, T, T]
+    allowed |= torch.eye(width, dtype=torch.bool)[None]              # pads see themselves: no NaN
+    owner_t = torch.as_tensor(list(owner), dtype=torch.long)
+    ids, pos, allowed = ids.to(device), pos.to(device), allowed[:, None].to(device)
+    src, targets, owner_t = src.to(device), targets.to(device), owner_t.to(device)
 
     def head_fn(hidden: torch.Tensor, head: nn.Module):
-        # position t of [last prompt token | response] predicts response token t
-        return token_logprobs_from_hidden(hidden[:, :r_len], head, seg[:, 1:],
-                                          chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+        picked = hidden[owner_t[:, None], src]                       # [N, R, H]
+        return token_logprobs_from_hidden(picked, head, targets, chunk_tokens=chunk_tokens,
+                                          with_entropy=with_entropy)
 
-    return model(seg, attention_mask=seg_mask, kv_cache=cache, head_fn=head_fn)
+    return model(ids, position_ids=pos, attention_mask=allowed, head_fn=head_fn)

@@ -321,10 +321,7 @@ class KVCache:
     Slots are shared by all rows: a forward of T tokens writes slots ``[length, length + T)``.
     ``valid[b, s]`` marks slots holding a real (non-pad) token, so a left-padded prefill followed
     by one-token decode steps works; each row's positions continue from its count of real tokens.
-    Capacity grows (doubling) when exceeded. Used under ``torch.no_grad()`` for decoding; with
-    autograd on, gradients flow through the cached keys/values (writes are differentiable slice
-    copies, ``select`` a differentiable gather), which is how
-    :func:`minicd.algo.logprobs.shared_prefix_logprobs` trains on a prompt computed once per group.
+    Capacity grows (doubling) when exceeded. Use under ``torch.no_grad()``/``inference_mode``.
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_len: int, *,
@@ -413,6 +410,39 @@ class QwenModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = self._explicit_mask(attention_mask, position_ids, kv_cache)
+        else:
+            position_ids, mask = self._positions_and_mask(input_ids, position_ids, attention_mask,
+                                                          kv_cache)
+        h = self.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, h.dtype)
+        use_ckpt = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.commit()
+        return self.norm(h)
+
+    @staticmethod
+    def _explicit_mask(attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
+                       kv_cache: KVCache | None) -> torch.Tensor:
+        """A caller-built boolean mask ``[B, 1, T, T]`` (True = attend; every query must see at
+        least itself), for packed sequences such as one prompt followed by several responses
+        that each see the prompt and themselves only (:func:`minicd.algo.logprobs.
+        shared_prefix_logprobs`). Needs explicit ``position_ids`` and no KV cache."""
+        if position_ids is None or kv_cache is not None:
+            raise ValueError("a [B, 1, T, T] attention_mask needs position_ids and no kv_cache")
+        return attention_mask.bool()
+
+    @staticmethod
+    def _positions_and_mask(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                            attention_mask: torch.Tensor | None, kv_cache: KVCache | None,
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions ``[B, T]`` and the SDPA mask (None: plain causal) of a padded batch."""
         b, t = input_ids.shape
         valid = None if attention_mask is None else attention_mask.bool()  # [B, T]
         start = 0 if kv_cache is None else kv_cache.length
@@ -431,18 +461,7 @@ class QwenModel(nn.Module):
             mask = None  # plain causal attention (fast SDPA kernels)
         else:
             mask = attention_mask_for(key_valid, start, t)
-
-        h = self.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, h.dtype)
-        use_ckpt = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
-        for layer in self.layers:
-            if use_ckpt:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.commit()
-        return self.norm(h)
+        return position_ids, mask
 
 
 class QwenForCausalLM(nn.Module):
@@ -483,7 +502,9 @@ class QwenForCausalLM(nn.Module):
         """Logits ``[B, T, V]`` (model dtype) for ``input_ids`` ``[B, T]``.
 
         ``attention_mask`` ``[B, T]``: 1 = token, 0 = pad (left padding; with no position_ids,
-        positions are ``cumsum(mask) - 1`` so padded rows match unpadded ones). ``kv_cache``:
+        positions are ``cumsum(mask) - 1`` so padded rows match unpadded ones), or an explicit
+        boolean ``[B, 1, T, T]`` mask (True = attend) with ``position_ids`` for packed rows
+        (a prompt followed by several responses, each blind to its siblings). ``kv_cache``:
         a :class:`KVCache` that this call appends to. ``return_hidden=True`` returns the
         final-normed hidden states ``[B, T, H]`` instead of logits (for chunked log-probs).
         ``logits_to_keep=n`` computes logits for the last ``n`` positions only.

@@ -195,8 +195,7 @@ class MicroBatch:
 def micro_batches(batch: RolloutBatch, micro_batch_size: int, pad_id: int, *, shared: bool,
                   device: torch.device | str = "cpu") -> list[MicroBatch]:
     """Cut ``batch`` into micro-batches; with ``shared``, consecutive rows with equal prompts
-    (the G samples of a group) point at one copy of it. Prompts under 2 tokens disable sharing."""
-    shared = shared and min(len(p) for p in batch.prompts) >= 2
+    (the G samples of a group) point at one copy of it."""
     out = []
     for s in range(0, len(batch.prompts), micro_batch_size):
         prompts, owner = [], []
@@ -229,11 +228,7 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
     and time_update_s. Gradients of the last update stay in ``.grad``.
     """
     world = dist.get_world_size()
-    # one process only for now: two forwards before one backward crashed FSDP2 on gloo (SIGSEGV,
-    # torch 2.13), so sharded training falls back to the collated rows
-    shared = g.shared_prefix and world == 1 and not getattr(getattr(model, "model", None),
-                                                            "activation_checkpointing", False)
-    mbs = micro_batches(batch, micro_batch_size, pad_id, shared=shared, device=device)
+    mbs = micro_batches(batch, micro_batch_size, pad_id, shared=g.shared_prefix, device=device)
     tokens = [float(m.mask.sum()) for m in mbs]
     rows = [float(m.mask.shape[0]) for m in mbs]
     global_tokens = float(dist.all_reduce_sum(sum(tokens)))
