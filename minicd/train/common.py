@@ -163,6 +163,18 @@ def end_step(cfg: Config, step: int, total: int, metrics: dict, *, model: nn.Mod
     return stop_requested
 
 
+def finish_stage(cfg: Config, policy: Policy, logger: MetricsLogger, *, step: int, stopped: bool,
+                 last: dict) -> dict:
+    """End of a stage loop: export the final weights unless a stop was requested (the checkpoint
+    is the resume point then), close the metrics logger, and return the last step's metrics
+    with ``step`` and ``stopped``. Collective under FSDP2."""
+    if not stopped:
+        export_policy(policy, Path(cfg.train.output_dir), cfg.model.path,
+                      merged=cfg.train.export_merged)
+    logger.close()
+    return {"step": step, "stopped": stopped, **last}
+
+
 def export_policy(policy: Policy, out_dir: Path, base: str, *, merged: bool = False) -> None:
     """Final weights: PEFT adapter at ``out_dir/adapter`` (LoRA) or ``out_dir/model`` (full FT);
     with ``merged`` (``train.export_merged``) a LoRA run also writes ``out_dir/merged``, the

@@ -51,8 +51,8 @@ from minicd.parse import ParsedCodes, parse_codes
 from minicd.rollout.engine import Generation, SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
 from minicd.train.common import (build_engine, build_optimizer, build_policy, clip_grad_norm,
-                                 end_step, export_policy, load_split,
-                                 open_metrics_logger, prompt_ids, resume_state, start_step)
+                                 end_step, finish_stage, load_split, open_metrics_logger,
+                                 prompt_ids, resume_state, start_step)
 
 # (record, step, global prompt index) -> prompt token ids. PHI renders hinted prompts here.
 PromptBuilder = Callable[[Record, int, int], list[int]]
@@ -424,7 +424,4 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None) -> dict:
             if stopped:
                 break
     bar.close()
-    if not stopped:
-        export_policy(policy, out_dir, cfg.model.path, merged=cfg.train.export_merged)
-    logger.close()
-    return {"step": step, "stopped": stopped, **last}
+    return finish_stage(cfg, policy, logger, step=step, stopped=stopped, last=last)

@@ -28,7 +28,7 @@ from minicd.config import Config, dump_config
 from minicd.errors import ConfigError
 from minicd.log import progress
 from minicd.train.common import (build_optimizer, build_policy, clip_grad_norm, cosine_schedule,
-                                 encode_record, end_step, export_policy, load_split,
+                                 encode_record, end_step, finish_stage, load_split,
                                  open_metrics_logger, prompt_ids, resume_state, start_step)
 
 MEGA_BATCH_MICRO_BATCHES = 50  # length grouping sorts within this many micro-batches
@@ -168,8 +168,5 @@ def run_sft(cfg: Config) -> dict:
             if stopped:
                 break
     bar.close()
-    if not stopped:
-        export_policy(policy, out_dir, cfg.model.path, merged=cfg.train.export_merged)
-    logger.close()
-    return {"step": step, "stopped": stopped, **last}
+    return finish_stage(cfg, policy, logger, step=step, stopped=stopped, last=last)
 
