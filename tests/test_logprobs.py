@@ -190,8 +190,14 @@ def test_shared_prefix_logprobs_equal_per_row_forwards():
         total = total + (ref * weights[i, :len(r)]).sum()
         ref_rows.append(len(r))
     mask = torch.tensor([[1.0] * n + [0.0] * (4 - n) for n in ref_rows])
-    for g, r in zip(grads((logp * mask * weights).sum(), *params), grads(total, *params)):
+    expected = grads(total, *params)
+    for g, r in zip(grads((logp * mask * weights).sum(), *params), expected):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=ATOL)  # grads reach ~10 here
+    model.set_activation_checkpointing(True)  # the packed mask goes through checkpointed blocks
+    again = shared_prefix_logprobs(model, prompts, responses, owner, pad_id=0)
+    for g, r in zip(grads((again * mask * weights).sum(), *params), expected):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=ATOL)
+    model.set_activation_checkpointing(False)
     with pytest.raises(ValueError, match=">= 1 token"):
         shared_prefix_logprobs(model, [[]], [[1, 2]], [0], pad_id=0)
     with pytest.raises(ValueError, match="owner"):
