@@ -179,17 +179,15 @@ class MicroBatch:
     advantages: torch.Tensor       # [b]
     shared: bool
     pad_id: int
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None  # not shared: collated ids, attention
 
     def logprobs(self, model: nn.Module, with_entropy: bool = False):
         """Log-probs ``[b, R]`` (and entropies) of the responses under ``model``."""
         if self.shared:
             return shared_prefix_logprobs(model, self.prompts, self.responses, self.owner,
                                           self.pad_id, with_entropy=with_entropy)
-        ids, attn, _ = collate_rollouts([self.prompts[o] for o in self.owner], self.responses,
-                                        self.pad_id)
-        device = self.mask.device
-        return response_logprobs(model, ids.to(device), attn.to(device), self.mask.shape[1],
-                                 with_entropy=with_entropy)
+        ids, attn = self.rows
+        return response_logprobs(model, ids, attn, self.mask.shape[1], with_entropy=with_entropy)
 
 
 def micro_batches(batch: RolloutBatch, micro_batch_size: int, pad_id: int, *, shared: bool,
@@ -204,12 +202,17 @@ def micro_batches(batch: RolloutBatch, micro_batch_size: int, pad_id: int, *, sh
                 prompts.append(list(p))
             owner.append(len(prompts) - 1)
         responses = [list(r) for r in batch.responses[s:s + micro_batch_size]]
-        r_len = max(len(r) for r in responses)
-        mask = torch.zeros(len(responses), r_len)                            # [b, R]
-        for i, r in enumerate(responses):
-            mask[i, :len(r)] = 1
+        rows = None
+        if shared:
+            mask = torch.zeros(len(responses), max(len(r) for r in responses))  # [b, R]
+            for i, r in enumerate(responses):
+                mask[i, :len(r)] = 1
+        else:  # collated once, scored by the reference pass and every update
+            ids, attn, mask = collate_rollouts([prompts[o] for o in owner], responses, pad_id)
+            rows = (ids.to(device), attn.to(device))
         out.append(MicroBatch(prompts, responses, owner, mask.to(device),
-                              batch.advantages[s:s + micro_batch_size].to(device), shared, pad_id))
+                              batch.advantages[s:s + micro_batch_size].to(device), shared, pad_id,
+                              rows))
     return out
 
 
