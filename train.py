@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from minicd.dist import destroy_distributed
+
     try:
         import torch
 
@@ -46,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
     except MinicdError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        destroy_distributed()
         return 2
+    except BaseException:
+        destroy_distributed()
+        raise
+    destroy_distributed(sync=True)
     keys = ("round", "step", "loss", "reward_mean", "train_micro_recall", "train_micro_f1",
             "val/micro_f1", "val/macro_f1")
     print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
@@ -55,4 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from minicd.dist import exit_process
+
+    exit_process(main())  # under torchrun: os._exit after the clean teardown (see exit_process)

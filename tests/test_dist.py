@@ -86,3 +86,20 @@ def test_partial_torchrun_env_is_a_clear_error(monkeypatch):
 def test_bad_device_is_a_config_error():
     with pytest.raises(ConfigError, match="device"):
         init_distributed(device="tpu")
+
+
+@pytest.mark.parametrize("world, code", [("2", 3), ("1", 4), (None, 0)])
+def test_exit_process_skips_finalisation_only_for_a_rank_of_several(world, code):
+    """Under torchrun with WORLD_SIZE > 1 the process leaves with os._exit (atexit handlers, i.e.
+    interpreter finalisation, do not run) after flushing what it printed; otherwise sys.exit."""
+    prog = ("import atexit, sys; from minicd.dist import exit_process; "
+            "atexit.register(lambda: print('finalised')); print('result line', end=''); "
+            f"exit_process({code})")
+    env = _env()
+    if world is not None:
+        env["WORLD_SIZE"] = world
+    proc = subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == code, proc.stderr
+    expected = "result line" if world == "2" else "result linefinalised"
+    assert proc.stdout.strip() == expected

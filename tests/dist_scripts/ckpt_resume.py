@@ -15,7 +15,7 @@ import torch
 
 from minicd.algo.logprobs import model_token_logprobs
 from minicd.checkpoint import capture_rng, load_checkpoint, resume_checkpoint, restore_rng, save_checkpoint
-from minicd.dist import destroy_distributed, init_distributed, shard_model, trainable_parameters
+from minicd.dist import destroy_distributed, exit_process, init_distributed, shard_model, trainable_parameters
 from minicd.model.hub import build_model
 from minicd.model.lora import LoRAConfig, inject_lora
 from minicd.model.qwen import QwenConfig
@@ -70,8 +70,9 @@ def main(out: Path) -> None:
     train(info, out / "full", TOTAL, resume=False)
     train(info, out / "part", TOTAL // 2, resume=False)
     train(info, out / "part", TOTAL, resume=True)
-    destroy_distributed()
+    destroy_distributed(sync=True)
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_process(0)

@@ -13,7 +13,7 @@ import torch
 
 from minicd.algo.logprobs import model_token_logprobs
 from minicd.algo.sft import sft_loss
-from minicd.dist import destroy_distributed, full_state_dict, init_distributed, shard_model, trainable_parameters
+from minicd.dist import destroy_distributed, exit_process, full_state_dict, init_distributed, shard_model, trainable_parameters
 from minicd.model.hub import build_model
 from minicd.model.lora import LoRAConfig, inject_lora, save_adapter
 from minicd.model.qwen import QwenConfig
@@ -66,8 +66,9 @@ def main(out: Path) -> None:
     if info.is_main:
         save_adapter(model, out / "adapter", lcfg, state_dict=state)
         (out / "losses.json").write_text(json.dumps(losses))
-    destroy_distributed()
+    destroy_distributed(sync=True)
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_process(0)
