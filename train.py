@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from minicd.dist import destroy_distributed
 
+    done = False
     try:
         import torch
 
@@ -46,14 +47,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(cfg.train.num_threads)
         run = {"sft": run_sft, "grpo": run_grpo, "phi": run_phi}[args.stage]
         result = run(cfg)
+        done = True
     except MinicdError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        destroy_distributed()
         return 2
-    except BaseException:
-        destroy_distributed()
-        raise
-    destroy_distributed(sync=True)
+    finally:  # ranks meet at a barrier only when all finished; an error path just tears down
+        destroy_distributed(sync=done)
     keys = ("round", "step", "loss", "reward_mean", "train_micro_recall", "train_micro_f1",
             "val/micro_f1", "val/macro_f1")
     print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"

@@ -97,9 +97,7 @@ def destroy_distributed(*, sync: bool = False) -> None:
     """Tear down the process group if one exists (safe to call always).
 
     With ``sync`` the ranks first meet at a barrier, so none closes its connections while another
-    is still using them. Leaving the group to interpreter exit instead lets gloo's C++ threads be
-    torn down in any order, and a rank can abort ("terminate called without an active exception")
-    after its work is done; ``train.py`` therefore calls this with ``sync=True`` on success."""
+    is still using them (entry points then leave through :func:`exit_process`)."""
     if dist.is_available() and dist.is_initialized():
         if sync and dist.get_world_size() > 1:
             dist.barrier()
