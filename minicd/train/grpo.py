@@ -324,11 +324,14 @@ def _batch_stats(gens: list[Generation], rewards: list[float], parsed: list[Pars
             "response_tokens": int(sum(every["lengths"]))}
 
 
-def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None) -> dict:
+def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
+             train_records: Sequence[Record] | None = None) -> dict:
     """Train with GRPO as configured; return the last step's metrics (plus ``step``, ``stopped``).
 
     ``build_prompt(record, step, global_index) -> prompt ids`` (default: the hint-free prompt)
     lets PHI render hinted prompts; it must be deterministic in its arguments.
+    ``train_records`` (default: the training split, capped by ``data.train_limit``) are the
+    records the steps draw from; PHI passes the ones whose hint pools are not empty.
     Writes ``output_dir/metrics.jsonl`` (one line per step with: reward_mean, reward_std,
     batch_micro_f1, zero_var_frac, span_rate, loss, pg_loss, kl, entropy, clip_frac_low,
     clip_frac_high, dual_clip_frac, approx_kl_old, ratio_mean, response_len_mean,
@@ -343,7 +346,8 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None) -> dict:
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
 
-    train_recs = load_split(cfg, "train", cfg.data.train_limit)
+    train_recs = (list(train_records) if train_records is not None
+                  else load_split(cfg, "train", cfg.data.train_limit))
     val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
     B, G = g.prompts_per_step, g.group_size

@@ -41,7 +41,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -54,7 +53,7 @@ from minicd.algo.phi import code_recall, code_weights, hint_pool, sample_hints
 from minicd.checkpoint import latest_checkpoint
 from minicd.codes import DescriptionTable, truncate_description
 from minicd.config import Config, PHIConfig
-from minicd.data.records import Record, atomic_write, write_records
+from minicd.data.records import Record, atomic_write
 from minicd.data.truncate import fit_prompt
 from minicd.errors import ConfigError
 from minicd.metrics import corpus_metrics
@@ -178,15 +177,14 @@ def phi_base(cfg: Config, out: Path, info: dist.DistInfo, *,
     return str(merged), None
 
 
-def round_config(cfg: Config, out: Path, r: int, base: str, start_adapter: str | None,
-                 data_dir: str) -> Config:
-    """The GRPO config of round ``r``: one epoch on ``data_dir`` (the non-empty-pool records),
-    output in ``out/round-r``, starting from round r-1's adapter (round 0: ``start_adapter``)."""
+def round_config(cfg: Config, out: Path, r: int, base: str, start_adapter: str | None) -> Config:
+    """The GRPO config of round ``r``: one epoch (over the records :func:`run_phi` passes: those
+    with non-empty pools), output in ``out/round-r``, starting from round r-1's adapter (round 0:
+    ``start_adapter``)."""
     c = copy.deepcopy(cfg)
     c.train.output_dir = str(out / f"round-{r}")
     c.train.resume = cfg.train.resume and latest_checkpoint(c.train.output_dir) is not None
     c.grpo.epochs = 1.0
-    c.data.dir, c.data.train_limit = data_dir, None
     c.model.path = base
     c.lora.init_adapter = start_adapter if r == 0 else str(out / f"round-{r - 1}" / "adapter")
     c.lora.init_mode = "continue"  # with init_adapter None: a fresh adapter on `base`
@@ -279,10 +277,8 @@ def run_phi(cfg: Config) -> dict:
             break
 
         # a. one GRPO epoch over `used`, hints drawn per (round, step, prompt)
-        with tempfile.TemporaryDirectory(prefix="minicd-phi-") as tmp:
-            round_cfg = round_config(cfg, out, r, base, start_adapter, _subset_dir(cfg, used, tmp))
-            result = run_grpo(round_cfg,
-                              build_prompt=prompt_builder(pools, weights, cfg, r, tok, describe))
+        result = run_grpo(round_config(cfg, out, r, base, start_adapter), train_records=used,
+                          build_prompt=prompt_builder(pools, weights, cfg, r, tok, describe))
         if result["stopped"]:  # SIGTERM: the round's checkpoint is saved; resume continues it
             return {"round": r, **result}
 
@@ -329,12 +325,3 @@ def export_final(out: Path, rounds: int, info: dist.DistInfo) -> None:
         os.replace(tmp, out / "adapter")
     dist.barrier()
 
-
-def _subset_dir(cfg: Config, used: Sequence[Record], tmp: str) -> str:
-    """A data dir holding only ``used`` as train.jsonl (and a link to the real val.jsonl), in a
-    temporary folder so that no note text is left under output_dir."""
-    write_records(used, Path(tmp) / "train.jsonl")
-    val = Path(cfg.data.dir) / "val.jsonl"
-    if val.is_file():
-        os.symlink(val.resolve(), Path(tmp) / "val.jsonl")
-    return tmp
