@@ -230,21 +230,33 @@ def test_rounds_pools_hints_and_metrics(assets, scripted, tmp_path):
     built = scripted["built"]
     assert {x[0] for x in built} == {0, 1}
     total_hinted = 0
-    for rnd, pools in ((0, pools0), (1, pools1)):
+    for rnd, pools, after in ((0, pools0, pools1), (1, pools1, pools2)):
         calls = [x for x in built if x[0] == rnd]
         assert len(calls) == 2 * 2  # max_steps 2 x prompts_per_step 2
-        hinted = 0
+        hinted, shown = 0, set()
         for _, rid, _, _, ids in calls:
             assert pools[rid], rid
             text = tok.decode(ids)
             codes = _hinted_codes(text)
             hinted += bool(codes)
+            shown |= {(rid, c) for c in codes}
             assert len(codes) == len(set(codes)) <= 5 and set(codes) <= set(pools[rid])
             for c in codes:
                 assert f"\n- {c} ({DESC_30})\n" in text
             if codes:
                 assert text.index("Training hint:") < text.index("Output format:")
         assert rows[rnd]["hint_rate"] == pytest.approx(hinted / len(calls))
+        # pool transitions by hand: (record, code) pairs leaving / entering the pools
+        before_pairs = {(rid, c) for rid, p in pools.items() for c in p}
+        after_pairs = {(rid, c) for rid, p in after.items() for c in p}
+        left = before_pairs - after_pairs
+        assert rows[rnd]["pool_recovered"] == len(left) > 0
+        assert rows[rnd]["newly_missed"] == len(after_pairs - before_pairs) == 0
+        assert rows[rnd]["hinted_codes"] == len(shown)
+        others = before_pairs - shown
+        assert rows[rnd]["hinted_recovery"] == (
+            pytest.approx(len(shown & left) / len(shown)) if shown else None)
+        assert rows[rnd]["unhinted_recovery"] == pytest.approx(len(others & left) / len(others))
         total_hinted += hinted
     assert 0 < total_hinted < 8  # both hinted and hint-free prompts occur
     # GRPO prompts are exactly the built (hinted or not) prompts; refresh prompts never hinted
@@ -326,3 +338,19 @@ def test_config_errors(assets, tmp_path):
         phi.run_phi(_cfg(assets, tmp_path / "x", "phi.description_limit=150"))
     with pytest.raises(ConfigError, match="lora.enabled"):
         phi.run_phi(_cfg(assets, tmp_path / "x", "lora.enabled=false"))
+
+
+def test_pool_transitions_by_hand():
+    before = {"a": ["1", "2", "3"], "b": ["4"], "c": []}
+    after = {"a": ["3"], "b": ["4", "5"], "c": ["6"]}
+    # record a: 1 and 2 recovered, 3 still missed; b: 5 newly missed; c: 6 newly missed
+    got = phi.pool_transitions(before, after, {"a": {"1"}})
+    assert got == {"pool_recovered": 2, "newly_missed": 2, "hinted_codes": 1,
+                   "hinted_recovery": 1.0, "unhinted_recovery": pytest.approx(1 / 3)}
+    # hints on the code that stayed missed, and on one of b's
+    got = phi.pool_transitions(before, after, {"a": {"3"}, "b": {"4"}})
+    assert got["hinted_codes"] == 2 and got["hinted_recovery"] == 0.0
+    assert got["unhinted_recovery"] == 1.0            # a:1 and a:2 both recovered
+    got = phi.pool_transitions(before, after, {})
+    assert got["hinted_codes"] == 0 and got["hinted_recovery"] is None
+    assert got["unhinted_recovery"] == pytest.approx(2 / 4)

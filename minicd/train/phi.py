@@ -13,8 +13,10 @@ PHI is GRPO run in rounds over a shrinking set of training examples, with traini
       share it, and the reward target stays the FULL gold set.
    b. Greedy hint-free inference of the new checkpoint on the training split refreshes pools
       (Eq. 4), recalls and weights.
-   c. One line of round metrics goes to ``output_dir/phi_rounds.jsonl``; pools, weights and the
-      next round index to ``output_dir/phi_state.json`` (ids and codes only, no note text).
+   c. One line of round metrics goes to ``output_dir/phi_rounds.jsonl`` (train recall/F1, pool
+      sizes, and :func:`pool_transitions`: codes recovered from and newly added to the pools,
+      recovery of hinted vs never-hinted pool codes); pools, weights and the next round index to
+      ``output_dir/phi_state.json`` (ids and codes only, no note text).
 2. The last round's adapter is copied to ``output_dir/adapter``.
 
 Model lineage (LoRA only). With ``lora.init_mode = "merge"`` (default) the SFT adapter
@@ -134,6 +136,32 @@ def refresh_state(records: Sequence[Record], preds: Sequence[Sequence[str]], phi
                      "train_micro_f1": float(m["micro_f1"]), "train_macro_f1": float(m["macro_f1"]),
                      "nonempty_pools": sum(s > 0 for s in sizes),
                      "mean_pool_size": float(np.mean(sizes)) if sizes else 0.0}}
+
+
+def pool_transitions(before: dict[str, Sequence[str]], after: dict[str, Sequence[str]],
+                     hinted: dict[str, set[str]]) -> dict:
+    """How a round moved the pools: ``pool_recovered`` (pooled codes the refresh now predicts),
+    ``newly_missed`` (gold codes that entered a pool: predicted before the round, missed after),
+    and the recovery rate of the pooled codes that were shown as hints at least once in the round
+    (``hinted_recovery``) vs. those never shown (``unhinted_recovery``; None when there are none).
+    The hinted/unhinted gap is the direct effect of the hints, separate from GRPO's drift."""
+    counts = {"recovered": 0, "newly_missed": 0, "hinted": [0, 0], "unhinted": [0, 0]}
+    for rid, pool in before.items():
+        old, new, shown = set(pool), set(after[rid]), hinted.get(rid, set())
+        counts["recovered"] += len(old - new)
+        counts["newly_missed"] += len(new - old)
+        for c in old:
+            kind = counts["hinted" if c in shown else "unhinted"]
+            kind[0] += c not in new
+            kind[1] += 1
+
+    def rate(k: str) -> float | None:
+        got, n = counts[k]
+        return got / n if n else None
+
+    return {"pool_recovered": counts["recovered"], "newly_missed": counts["newly_missed"],
+            "hinted_codes": counts["hinted"][1], "hinted_recovery": rate("hinted"),
+            "unhinted_recovery": rate("unhinted")}
 
 
 def predict_train(cfg: Config, model_path: str, adapter: str | None, out: Path,
@@ -288,15 +316,19 @@ def run_phi(cfg: Config) -> dict:
         predict_train(cfg, base, str(round_dir / "adapter"), path, info, keep=resume)
         fresh = refresh_state(train, read_pool_predictions(path, train), phi, freq)
 
-        # c. round metrics (hint rate recounted from the deterministic draws) and state
-        drawn = [draw_hints(pools[used[i].id], weights, phi, seed, r, s, j)
+        # c. round metrics (hints recounted from the deterministic draws) and state
+        drawn = [(used[i].id, draw_hints(pools[used[i].id], weights, phi, seed, r, s, j))
                  for s in range(steps) for j, i in
                  enumerate(step_prompt_indices(len(used), cfg.grpo.prompts_per_step, seed, s))]
+        hinted: dict[str, set[str]] = {}
+        for rid, h in drawn:
+            hinted.setdefault(rid, set()).update(h)
         after = fresh["eval"]
         row = {"round": r, "records_used": len(used), "pool_mean_size": state["eval"]["mean_pool_size"],
                "grpo_steps": steps, "prompts": len(drawn),
-               "hint_rate": sum(bool(h) for h in drawn) / len(drawn),
-               "mean_hints": float(np.mean([len(h) for h in drawn if h] or [0])),
+               "hint_rate": sum(bool(h) for _, h in drawn) / len(drawn),
+               "mean_hints": float(np.mean([len(h) for _, h in drawn if h] or [0])),
+               **pool_transitions(pools, fresh["pools"], hinted),
                "reward_mean_last_step": result.get("reward_mean"),
                "start_train_micro_recall": state["eval"]["train_micro_recall"],
                "train_micro_recall": after["train_micro_recall"],
@@ -308,7 +340,9 @@ def run_phi(cfg: Config) -> dict:
         save_state(out, state)
         say(f"minicd phi: round {r + 1} hint-free train micro recall "
             f"{row['train_micro_recall']:.4f}, micro F1 {row['train_micro_f1']:.4f}; "
-            f"{row['next_nonempty_pools']} records still miss codes")
+            f"{row['next_nonempty_pools']} records still miss codes; pool codes recovered: "
+            f"{_pct(row['hinted_recovery'])} of the hinted, {_pct(row['unhinted_recovery'])} of "
+            f"the others ({row['newly_missed']} newly missed)")
 
     export_final(out, phi.rounds, info)
     return {**(state["history"][-1] if state["history"] else {}), "stopped": False}
@@ -325,3 +359,6 @@ def export_final(out: Path, rounds: int, info: dist.DistInfo) -> None:
         os.replace(tmp, out / "adapter")
     dist.barrier()
 
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
