@@ -105,6 +105,8 @@ class GRPOConfig:
     adv_std: str = "unbiased"          # unbiased | biased | none (Dr.GRPO mean-only)
     epochs: float = 1.0
     updates_per_batch: int = 1
+    reward: str = "f1"                 # f1 (paper) | fbeta:<beta> | package.module:function
+                                       #   (response text, gold codes) -> float; see make_reward
     shared_prefix: bool = True         # compute each group's prompt once, not G times: the prompt
                                        #   and its samples packed in one row (same math)
 

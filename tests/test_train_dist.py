@@ -130,9 +130,12 @@ def test_sft_two_ranks_match_one_process(assets, sft_single):
 
 
 @pytest.mark.distributed
-def test_grpo_two_ranks_match_one_process(assets, sft_single, tmp_path):
+def test_grpo_two_ranks_match_one_process(assets, sft_single, tmp_path, monkeypatch):
     """GRPO from the SFT adapter (init_mode continue: the reference is the base model, so the KL
-    term is nonzero from step 1), torch engine, 2 prompts x 4 samples per step."""
+    term is nonzero from step 1), torch engine, 2 prompts x 4 samples per step. The barely
+    trained model never writes a <code> span, so the sample-F1 reward would be 0 everywhere: a
+    test reward (distinct words / 8, tests/reward_fns.py) keeps the policy-gradient term live."""
+    monkeypatch.syspath_prepend(str(REPO))
     config = tmp_path / "grpo.toml"
     config.write_text(assets["sft_config"].read_text() + f"""
 [grpo]
@@ -140,6 +143,7 @@ group_size = 4
 prompts_per_step = 2
 lr = 5e-2
 kl_coef = 0.5
+reward = "tests.reward_fns:distinct_words"
 [rollout]
 engine = "torch"
 max_new_tokens = 8
@@ -152,6 +156,8 @@ max_new_tokens = 8
     one, two = read_metrics(single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     assert one[0]["kl"] > 1e-4 and one[0]["loss"] != 0.0  # a real loss to compare
+    for r in one:  # rewards vary within groups: nonzero advantages, a live policy gradient
+        assert r["reward_std"] > 0 and r["zero_var_frac"] < 1
     for a, b in zip(one, two):
         # same rollouts (lengths and rewards), same global token-mean loss
         assert b["response_tokens"] == a["response_tokens"] > 0
@@ -159,6 +165,7 @@ max_new_tokens = 8
         assert b["truncation_rate"] == a["truncation_rate"]
         for key in ("reward_mean", "reward_std", "loss", "pg_loss", "kl", "entropy"):
             assert abs(a[key] - b[key]) <= TOL, (a["step"], key, a[key], b[key])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"])
     diff = _max_adapter_diff(_adapter(single), _adapter(multi))
     print(f"grpo loss 1 proc {[r['loss'] for r in one]}; 2 ranks {[r['loss'] for r in two]}; "
           f"reward_mean {[r['reward_mean'] for r in one]}; adapter max |diff| {diff:.3g}")

@@ -26,6 +26,7 @@ from minicd.algo.grpo import policy_loss
 from minicd.algo.logprobs import model_token_logprobs
 from minicd.config import GRPOConfig, load_config
 from minicd.data.records import read_records
+from minicd.errors import ConfigError
 from minicd.log import read_metrics
 from minicd.model.hub import load_model, load_tokenizer
 from minicd.model.lora import LoRAConfig, disable_adapters, inject_lora, lora_modules
@@ -178,6 +179,44 @@ def test_one_step_rewards_by_hand(assets, pool_engine, tmp_path):
             tp, fp, fn = tp + len(pred & gold), fp + len(pred - gold), fn + len(gold - pred)
     assert row["batch_micro_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert res["step"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_make_reward_builtin_user_and_errors(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    gold = ["401.9", "584.9"]
+    f1, f2 = grpo.make_reward("f1"), grpo.make_reward("fbeta:2")
+    # one of two gold codes predicted: P = 1, R = 1/2; F1 = 2/3, F2 = 5 PR / (4P + R) = 5/9
+    assert f1("<code>401.9</code>", gold)[0] == pytest.approx(2 / 3)
+    assert f2("<code>401.9</code>", gold)[0] == pytest.approx(5 / 9)
+    # two predicted, one right: P = R = 1/2, every F-beta is 1/2; no span -> 0
+    assert f2("<code>401.9, 428.0</code>", gold)[0] == pytest.approx(0.5)
+    assert f1("401.9", gold)[0] == f2("401.9", gold)[0] == 0.0
+    assert f1("<code>401.9</code>", gold)[1].codes == ("401.9",)
+    user = grpo.make_reward("tests.reward_fns:distinct_words")
+    value, parsed = user("<code>401.9, 428.0</code> a a b", gold)
+    assert value == pytest.approx(4 / 8) and parsed.codes == ("401.9", "428.0")
+    for bad, words in (("fbeta:0", "> 0"), ("fbeta:x", "> 0"), ("f2", "expected 'f1'"),
+                       ("no_such_module_xyz:f", "cannot import"), ("math:nothing", "cannot import"),
+                       ("math:pi", "not callable")):
+        with pytest.raises(ConfigError, match="grpo.reward") as err:
+            grpo.make_reward(bad)
+        assert words in str(err.value)
+    with pytest.raises(ValueError, match="finite"):
+        grpo.make_reward("tests.reward_fns:not_a_number")("<code>401.9</code>", gold)
+
+
+def test_user_reward_drives_the_step(assets, pool_engine, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    out = tmp_path / "user"
+    grpo.run_grpo(_cfg(assets, out, "train.max_steps=1",
+                       'grpo.reward="tests.reward_fns:distinct_words"'))
+    engine, seed = pool_engine[0], grpo.rollout_seed(0, 0)
+    rewards = [len(set(engine.text(seed + j * 4 + s).split())) / 8 for j in range(2)
+               for s in range(4)]
+    assert np.std(rewards) > 0       # the scripted answers differ in their words
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert row["reward_mean"] == pytest.approx(sum(rewards) / 8, abs=1e-12)
+    assert row["reward_std"] == pytest.approx(float(np.std(rewards)), abs=1e-12)
 
 
 def _update_inputs(assets, seed: int = 0):

@@ -13,7 +13,8 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
 3. Sample G = ``grpo.group_size`` responses per prompt. Seeds come from (train.seed, step) and the
    GLOBAL prompt index, so one process and N processes draw the same samples (see
    :func:`generate_groups`).
-4. Reward = sample F1 of the parsed codes against the full gold set (0 without a span).
+4. Reward = sample F1 of the parsed codes against the full gold set (0 without a span); other
+   rewards (F-beta, a user function) through ``grpo.reward`` (:func:`make_reward`).
 5. Group advantages (Eq. 1); old log-probs (the detached current ones with one update per batch,
    else recomputed once before the updates); reference log-probs under ``disable_adapters``.
 6. Clipped objective + beta x KL (Eq. 2) per micro-batch, rescaled so the loss is the token mean
@@ -27,6 +28,7 @@ Nothing here logs note or response text: only numbers.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ from minicd.config import Config, GRPOConfig, dump_config
 from minicd.data.records import Record
 from minicd.errors import ConfigError
 from minicd.log import progress
-from minicd.metrics import corpus_metrics, sample_f1
+from minicd.metrics import corpus_metrics, fbeta, sample_f1
 from minicd.model.lora import disable_adapters
 from minicd.parse import ParsedCodes, parse_codes
 from minicd.rollout.engine import Generation, SamplingParams
@@ -120,10 +122,66 @@ def generate_groups(engine, prompts: Sequence[Sequence[int]], shard: range,
 
 
 # ------------------------------------------------------------------ 4. reward
+RewardFn = Callable[[str, Sequence[str]], "tuple[float, ParsedCodes]"]
+
+
 def reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
     """Sample F1 of the codes parsed from ``text`` against the FULL gold set; 0 with no span."""
     parsed = parse_codes(text)
     return (sample_f1(parsed.codes, gold) if parsed.has_span else 0.0), parsed
+
+
+def make_reward(spec: str) -> RewardFn:
+    """The reward named by ``grpo.reward``, as ``(text, gold) -> (reward, parsed codes)``:
+
+    - ``"f1"``: the paper's sample F1 (:func:`reward`);
+    - ``"fbeta:<beta>"``: sample F-beta of the parsed codes (beta > 1 weighs recall more, < 1
+      precision; 0 with no span), for reward ablations;
+    - ``"package.module:function"``: a user function ``(response_text, gold_codes) -> float``,
+      imported once here. Its value is the reward as is; the parsed codes still feed the batch
+      statistics (span rate, batch micro-F1).
+    """
+    spec = spec.strip()
+    if spec == "f1":
+        return reward
+    if spec.startswith("fbeta:"):
+        try:
+            beta = float(spec.split(":", 1)[1])
+        except ValueError:
+            beta = float("nan")
+        if not (math.isfinite(beta) and beta > 0):
+            raise ConfigError(f"grpo.reward = {spec!r}: the F-beta weight must be a number > 0, "
+                              f"e.g. 'fbeta:2'")
+
+        def fbeta_reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
+            parsed = parse_codes(text)
+            return (fbeta(parsed.codes, gold, beta) if parsed.has_span else 0.0), parsed
+
+        return fbeta_reward
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"grpo.reward = {spec!r}: expected 'f1', 'fbeta:<beta>' or "
+                          f"'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"grpo.reward = {spec!r}: cannot import it ({e}); the module must be "
+                          f"importable on every rank (installed, or on PYTHONPATH)") from e
+    if not callable(fn):
+        raise ConfigError(f"grpo.reward = {spec!r} is not callable")
+
+    def user_reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
+        value = fn(text, tuple(gold))
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not math.isfinite(value):
+            raise ValueError(f"grpo.reward {spec!r} returned {value!r}; a reward must be a "
+                             f"finite number")
+        return value, parse_codes(text)
+
+    return user_reward
 
 
 # ------------------------------------------------------------------ 5-6. log-probs and update
@@ -342,6 +400,7 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     t, g, ro = cfg.train, cfg.grpo, cfg.rollout
     info = dist.init_distributed(t.device)
     _check(cfg, info.world_size)
+    reward_fn = make_reward(g.reward)
     policy = build_policy(cfg, info)
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
@@ -405,7 +464,7 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
             gens = [x for group in groups for x in group]                       # [N]
             golds = [records[j].codes for j in shard for _ in range(G)]          # [N]
             # 4. rewards
-            scored = [reward(x.text, gold) for x, gold in zip(gens, golds)]
+            scored = [reward_fn(x.text, gold) for x, gold in zip(gens, golds)]
             rewards = [r for r, _ in scored]
             # 5-6. advantages (Eq. 1), log-probs, clipped objective (Eq. 2), optimizer step
             advantages = group_advantages(torch.tensor(rewards), G, unbiased=unbiased,
