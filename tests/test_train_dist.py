@@ -1,4 +1,4 @@
-"""The SFT and GRPO stage loops under ``torchrun --nproc_per_node 2 train.py`` (FSDP2, gloo, CPU)
+"""The SFT, GRPO and PHI stage loops under ``torchrun --nproc_per_node 2 train.py`` (FSDP2, gloo, CPU)
 match one process on the same global batch: same loss curve, same final adapter.
 
 The one-process reference runs in-process (``run_sft`` / ``run_grpo``); the 2-rank runs go through
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from minicd.config import load_config
 from minicd.log import read_metrics
 from minicd.train.grpo import run_grpo
+from minicd.train.phi import run_phi
 from minicd.train.sft import run_sft
 from train_fixtures import build_assets
 
@@ -48,15 +49,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(*args: str) -> None:
-    """``torchrun --nproc_per_node 2 train.py ARGS``; both ranks must finish and print a result."""
+def _torchrun(*args: str, result: str = "step") -> None:
+    """``torchrun --nproc_per_node 2 train.py ARGS``; both ranks must finish and print a result
+    line (``<result>=N ...``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(REPO / "train.py"), *args, "train.num_threads=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # both ranks print a result line; their writes to the shared pipe may interleave
-    assert len(re.findall(r"step=\d+ ", proc.stdout)) == 2, proc.stdout
+    assert len(re.findall(rf"{result}=\d+ ", proc.stdout)) == 2, proc.stdout
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -169,4 +171,55 @@ max_new_tokens = 8
     diff = _max_adapter_diff(_adapter(single), _adapter(multi))
     print(f"grpo loss 1 proc {[r['loss'] for r in one]}; 2 ranks {[r['loss'] for r in two]}; "
           f"reward_mean {[r['reward_mean'] for r in one]}; adapter max |diff| {diff:.3g}")
+    assert diff <= TOL
+
+
+@pytest.mark.distributed
+def test_phi_two_ranks_match_one_process(assets, sft_single, tmp_path, monkeypatch):
+    """Two PHI rounds of 2 GRPO steps from the SFT adapter (merged once into out/sft_model), with
+    hints drawn on p = 0.5 of the prompts: rank 0 alone runs the hint-free refresh inference while
+    rank 1 waits; both ranks must render the same hinted prompts and end with the same pools,
+    round metrics and adapter as one process."""
+    monkeypatch.syspath_prepend(str(REPO))
+    config = tmp_path / "phi.toml"
+    config.write_text(assets["sft_config"].read_text() + """
+[grpo]
+group_size = 4
+prompts_per_step = 2
+lr = 5e-2
+reward = "tests.reward_fns:distinct_words"
+[rollout]
+engine = "torch"
+max_new_tokens = 8
+[phi]
+rounds = 2
+""")
+    init = [f"lora.init_adapter={json.dumps(str(sft_single / 'adapter'))}", "train.max_steps=2",
+            "train.micro_batch_size=4", "data.train_limit=8", "data.max_prompt_tokens=960"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_phi(load_config(config, [f"train.output_dir={json.dumps(str(single))}", *init]))
+    _torchrun("--stage", "phi", "--config", str(config), f"train.output_dir={multi}", *init,
+              result="round")
+    one, two = (json.loads((d / "phi_state.json").read_text()) for d in (single, multi))
+    assert one["round"] == two["round"] == 2
+    assert two["pools"] == one["pools"] and sum(map(len, one["pools"].values())) > 0
+    rows1, rows2 = read_metrics(single / "phi_rounds.jsonl"), read_metrics(multi / "phi_rounds.jsonl")
+    assert [r["round"] for r in rows1] == [r["round"] for r in rows2] == [0, 1]
+    for a, b in zip(rows1, rows2):
+        for key in ("records_used", "grpo_steps", "prompts", "hint_rate", "mean_hints",
+                    "hinted_codes", "train_micro_recall", "next_nonempty_pools"):
+            assert a[key] == b[key], (a["round"], key, a[key], b[key])
+        assert abs(a["reward_mean_last_step"] - b["reward_mean_last_step"]) <= TOL
+    assert 0 < sum(r["hint_rate"] for r in rows1) < 2       # hinted and hint-free prompts
+    for r in range(2):  # each round's GRPO curve
+        m1 = read_metrics(single / f"round-{r}" / "metrics.jsonl")
+        m2 = read_metrics(multi / f"round-{r}" / "metrics.jsonl")
+        assert [x["step"] for x in m1] == [x["step"] for x in m2] == [1, 2]
+        for a, b in zip(m1, m2):
+            assert b["response_tokens"] == a["response_tokens"] > 0
+            for key in ("reward_mean", "reward_std", "loss", "kl"):
+                assert abs(a[key] - b[key]) <= TOL, (r, a["step"], key, a[key], b[key])
+    diff = _max_adapter_diff(_adapter(single), _adapter(multi))
+    print(f"phi pools equal; hint rates {[r['hint_rate'] for r in rows1]}; adapter max |diff| "
+          f"{diff:.3g}")
     assert diff <= TOL
