@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -112,8 +113,6 @@ def exit_process(code: int = 0) -> None:
     device mesh still references the gloo backend then, and its teardown during finalisation
     occasionally aborts a rank ("terminate called without an active exception"; seen about 1 run
     in 15 on a loaded 2-core machine), which fails the whole torchrun after the work is done."""
-    import sys
-
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
         sys.stdout.flush()

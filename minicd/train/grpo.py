@@ -28,6 +28,7 @@ Nothing here logs note or response text: only numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import time
@@ -47,7 +48,7 @@ from minicd.config import Config, GRPOConfig, dump_config
 from minicd.data.records import Record
 from minicd.errors import ConfigError
 from minicd.log import progress
-from minicd.metrics import corpus_metrics, fbeta, sample_f1
+from minicd.metrics import corpus_metrics, fbeta
 from minicd.model.lora import disable_adapters
 from minicd.parse import ParsedCodes, parse_codes
 from minicd.rollout.engine import Generation, SamplingParams
@@ -125,10 +126,11 @@ def generate_groups(engine, prompts: Sequence[Sequence[int]], shard: range,
 RewardFn = Callable[[str, Sequence[str]], "tuple[float, ParsedCodes]"]
 
 
-def reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
-    """Sample F1 of the codes parsed from ``text`` against the FULL gold set; 0 with no span."""
+def reward(text: str, gold: Sequence[str], beta: float = 1.0) -> tuple[float, ParsedCodes]:
+    """Sample F-beta (default: the paper's sample F1) of the codes parsed from ``text`` against
+    the FULL gold set; 0 with no span."""
     parsed = parse_codes(text)
-    return (sample_f1(parsed.codes, gold) if parsed.has_span else 0.0), parsed
+    return (fbeta(parsed.codes, gold, beta) if parsed.has_span else 0.0), parsed
 
 
 def make_reward(spec: str) -> RewardFn:
@@ -152,12 +154,7 @@ def make_reward(spec: str) -> RewardFn:
         if not (math.isfinite(beta) and beta > 0):
             raise ConfigError(f"grpo.reward = {spec!r}: the F-beta weight must be a number > 0, "
                               f"e.g. 'fbeta:2'")
-
-        def fbeta_reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
-            parsed = parse_codes(text)
-            return (fbeta(parsed.codes, gold, beta) if parsed.has_span else 0.0), parsed
-
-        return fbeta_reward
+        return functools.partial(reward, beta=beta)
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"grpo.reward = {spec!r}: expected 'f1', 'fbeta:<beta>' or "

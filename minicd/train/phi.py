@@ -145,23 +145,21 @@ def pool_transitions(before: dict[str, Sequence[str]], after: dict[str, Sequence
     and the recovery rate of the pooled codes that were shown as hints at least once in the round
     (``hinted_recovery``) vs. those never shown (``unhinted_recovery``; None when there are none).
     The hinted/unhinted gap is the direct effect of the hints, separate from GRPO's drift."""
-    counts = {"recovered": 0, "newly_missed": 0, "hinted": [0, 0], "unhinted": [0, 0]}
+    tally = {True: [0, 0], False: [0, 0]}   # shown as a hint? -> [recovered, pooled]
+    newly_missed = 0
     for rid, pool in before.items():
         old, new, shown = set(pool), set(after[rid]), hinted.get(rid, set())
-        counts["recovered"] += len(old - new)
-        counts["newly_missed"] += len(new - old)
+        newly_missed += len(new - old)
         for c in old:
-            kind = counts["hinted" if c in shown else "unhinted"]
-            kind[0] += c not in new
-            kind[1] += 1
+            tally[c in shown][0] += c not in new
+            tally[c in shown][1] += 1
 
-    def rate(k: str) -> float | None:
-        got, n = counts[k]
+    def rate(got: int, n: int) -> float | None:
         return got / n if n else None
 
-    return {"pool_recovered": counts["recovered"], "newly_missed": counts["newly_missed"],
-            "hinted_codes": counts["hinted"][1], "hinted_recovery": rate("hinted"),
-            "unhinted_recovery": rate("unhinted")}
+    return {"pool_recovered": tally[True][0] + tally[False][0], "newly_missed": newly_missed,
+            "hinted_codes": tally[True][1], "hinted_recovery": rate(*tally[True]),
+            "unhinted_recovery": rate(*tally[False])}
 
 
 def predict_train(cfg: Config, model_path: str, adapter: str | None, out: Path,
