@@ -63,13 +63,11 @@ def build_policy(cfg: Config, info: dist.DistInfo) -> Policy:
         raise ConfigError("model.path is empty: set it to a local HF-format dir or a hub id "
                           "(e.g. model.path=runs/demo/model)")
     dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+    tok = load_tokenizer(cfg.model.path, template=cfg.model.template)  # cheap checks first
     model = load_model(cfg.model.path, dtype=dtype, device=info.device)
-    tok = load_tokenizer(cfg.model.path, template=cfg.model.template)
     lora_cfg = None
     if cfg.lora.enabled:
         lc = cfg.lora
-        if lc.init_mode not in ("merge", "continue"):
-            raise ConfigError(f"lora.init_mode = {lc.init_mode!r}: expected 'merge' or 'continue'")
         if lc.init_adapter and lc.init_mode == "continue":
             lora_cfg = load_adapter(model, lc.init_adapter)
         else:

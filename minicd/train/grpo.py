@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from minicd import dist
 from minicd.algo.grpo import group_advantages, policy_loss
 from minicd.algo.logprobs import model_token_logprobs, shared_prefix_logprobs
 from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
-from minicd.config import Config, GRPOConfig, dump_config
+from minicd.config import Config, GRPOConfig, dump_config, parse_reward_spec
 from minicd.data.records import Record
 from minicd.errors import ConfigError
 from minicd.log import progress
@@ -143,29 +142,12 @@ def make_reward(spec: str) -> RewardFn:
       imported once here. Its value is the reward as is; the parsed codes still feed the batch
       statistics (span rate, batch micro-F1).
     """
-    spec = spec.strip()
-    if spec == "f1":
+    kind, arg = parse_reward_spec(spec)
+    if kind == "f1":
         return reward
-    if spec.startswith("fbeta:"):
-        try:
-            beta = float(spec.split(":", 1)[1])
-        except ValueError:
-            beta = float("nan")
-        if not (math.isfinite(beta) and beta > 0):
-            raise ConfigError(f"grpo.reward = {spec!r}: the F-beta weight must be a number > 0, "
-                              f"e.g. 'fbeta:2'")
-        return functools.partial(reward, beta=beta)
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"grpo.reward = {spec!r}: expected 'f1', 'fbeta:<beta>' or "
-                          f"'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"grpo.reward = {spec!r}: cannot import it ({e}); the module must be "
-                          f"importable on every rank (installed, or on PYTHONPATH)") from e
-    if not callable(fn):
-        raise ConfigError(f"grpo.reward = {spec!r} is not callable")
+    if kind == "fbeta":
+        return functools.partial(reward, beta=arg)
+    fn = arg
 
     def user_reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
         value = fn(text, tuple(gold))
@@ -336,28 +318,10 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
 
 
 # ------------------------------------------------------------------ the loop
-def _check(cfg: Config, world: int) -> None:
-    t, g = cfg.train, cfg.grpo
-    for key, value in (("grpo.group_size", g.group_size), ("grpo.prompts_per_step",
-                       g.prompts_per_step), ("grpo.updates_per_batch", g.updates_per_batch),
-                       ("train.micro_batch_size", t.micro_batch_size),
-                       ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
-                       ("train.keep_last", t.keep_last)):
-        if value < 1:
-            raise ConfigError(f"{key} = {value}: must be >= 1")
-    if g.prompts_per_step % world:
-        raise ConfigError(f"grpo.prompts_per_step = {g.prompts_per_step} is not divisible by the "
-                          f"{world} ranks; make it a multiple of the world size")
-    if g.adv_std not in ADV_SCALES:
-        raise ConfigError(f"grpo.adv_std = {g.adv_std!r}: expected one of {', '.join(ADV_SCALES)}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps = {t.max_steps}: must be >= 1 (or unset)")
-    if t.max_steps is None and not g.epochs > 0:
-        raise ConfigError(f"grpo.epochs = {g.epochs}: must be > 0 (or set train.max_steps)")
-    if not cfg.lora.enabled and g.kl_coef != 0:
-        raise ConfigError("grpo.kl_coef != 0 needs lora.enabled = true: the reference policy is "
-                          "the model with its adapter disabled; set grpo.kl_coef = 0 for full "
-                          "fine-tuning")
+def _check_world(cfg: Config, world: int) -> None:
+    if cfg.grpo.prompts_per_step % world:
+        raise ConfigError(f"grpo.prompts_per_step = {cfg.grpo.prompts_per_step} is not divisible "
+                          f"by the {world} ranks; make it a multiple of the world size")
 
 
 def _batch_stats(gens: list[Generation], rewards: list[float], parsed: list[ParsedCodes],
@@ -394,9 +358,9 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     step_time_s, tokens_per_s, epoch; ``val/...`` keys every ``train.eval_every`` steps and at
     the end), checkpoints under ``output_dir/checkpoints`` and the final adapter.
     """
-    t, g, ro = cfg.train, cfg.grpo, cfg.rollout
+    t, g, ro = cfg.validate("grpo").train, cfg.grpo, cfg.rollout
     info = dist.init_distributed(t.device)
-    _check(cfg, info.world_size)
+    _check_world(cfg, info.world_size)
     reward_fn = make_reward(g.reward)
     policy = build_policy(cfg, info)
     model, tok = policy.model, policy.tokenizer

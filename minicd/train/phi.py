@@ -57,14 +57,13 @@ from minicd.codes import DescriptionTable, truncate_description
 from minicd.config import Config, PHIConfig
 from minicd.data.records import Record, atomic_write
 from minicd.data.truncate import fit_prompt
-from minicd.errors import ConfigError
 from minicd.metrics import corpus_metrics
 from minicd.model.hub import copy_tokenizer_files, load_model, load_tokenizer, save_model
 from minicd.model.lora import load_adapter, merged_state_dict
 from minicd.model.tokenizer import Tokenizer, encode_prompt
 from minicd.parse import parse_codes
 from minicd.predictions import read_predictions
-from minicd.prompts import HINT_DESCRIPTION_LIMIT, PromptSetting, coding_prompt
+from minicd.prompts import PromptSetting, coding_prompt
 from minicd.train.common import load_split, prompt_ids, run_rollout
 from minicd.train.grpo import run_grpo, step_prompt_indices
 
@@ -236,21 +235,6 @@ def save_state(out: Path, state: dict) -> None:
         f.writelines(json.dumps(row) + "\n" for row in state["history"])
 
 
-def _check(cfg: Config) -> None:
-    p = cfg.phi
-    if not cfg.lora.enabled:
-        raise ConfigError("PHI needs lora.enabled = true (rounds continue a LoRA adapter and the "
-                          "reference policy is the model with its adapter disabled)")
-    if p.rounds < 1:
-        raise ConfigError(f"phi.rounds = {p.rounds}: must be >= 1 (paper: 3 to 5)")
-    if not 1 <= p.description_limit <= HINT_DESCRIPTION_LIMIT:
-        raise ConfigError(f"phi.description_limit = {p.description_limit}: must be in "
-                          f"[1, {HINT_DESCRIPTION_LIMIT}] (the hint block cuts at "
-                          f"{HINT_DESCRIPTION_LIMIT} characters)")
-    if cfg.data.train_limit is not None and cfg.data.train_limit < 1:
-        raise ConfigError(f"data.train_limit = {cfg.data.train_limit}: must be >= 1 (or unset)")
-
-
 # ------------------------------------------------------------------ the loop
 def prompt_builder(pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
                    round_index: int, tok: Tokenizer, describe: Describe):
@@ -268,7 +252,7 @@ def run_phi(cfg: Config) -> dict:
     """Run PHI as configured; return the last finished round's metrics row (plus ``stopped``).
 
     See the module docstring for the round loop, the files written and resume."""
-    _check(cfg)
+    cfg.validate("phi")
     info = dist.init_distributed(cfg.train.device)
     out, phi, seed, resume = Path(cfg.train.output_dir), cfg.phi, cfg.train.seed, cfg.train.resume
     out.mkdir(parents=True, exist_ok=True)
