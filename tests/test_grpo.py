@@ -6,20 +6,21 @@ import pytest
 import torch
 
 from minicd import ConfigError
-from minicd.algo.grpo import group_advantages, kl_penalty, masked_mean, policy_loss
+from minicd.algo.grpo import ADVANTAGES, group_advantages, kl_penalty, masked_mean, policy_loss
 
 
 # ---------------------------------------------------------------- advantages, Eq. (1)
 
-def test_group_of_two_unbiased_and_biased():
+def test_group_of_two_unbiased_std_and_mean_only():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0])            # two groups of G = 2
-    # mean 0.5; unbiased std = sqrt((0.25 + 0.25) / 1) = sqrt(0.5); biased std = 0.5
+    # mean 0.5; unbiased std = sqrt((0.25 + 0.25) / 1) = sqrt(0.5)
     a = group_advantages(r, 2)
     s = math.sqrt(0.5)
     expected = torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-6)
     torch.testing.assert_close(a, expected, rtol=0, atol=1e-7)
-    b = group_advantages(r, 2, unbiased=False)
-    torch.testing.assert_close(b, torch.tensor([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-6), rtol=0, atol=1e-7)
+    torch.testing.assert_close(ADVANTAGES["grpo"](r, 2), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(group_advantages(r, 2, "dr_grpo"),
+                               torch.tensor([0.5, -0.5, -0.5, 0.5]), rtol=0, atol=1e-7)
 
 
 def test_group_of_four_by_hand():
@@ -28,18 +29,19 @@ def test_group_of_four_by_hand():
     std = math.sqrt(0.2 / 3)
     expected = torch.tensor([-0.3, -0.1, 0.1, 0.3]) / (std + 1e-6)
     torch.testing.assert_close(group_advantages(r, 4), expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(group_advantages(r, 4, scale="none"),
+    torch.testing.assert_close(group_advantages(r, 4, "dr_grpo"),
                                torch.tensor([-0.3, -0.1, 0.1, 0.3]), rtol=0, atol=1e-6)
 
 
 def test_equal_reward_groups_are_exactly_zero():
     r = torch.tensor([0.1] * 8 + [0.0, 0.5, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0] + [1.0] * 8)
-    a = group_advantages(r, 8)
-    assert torch.equal(a[:8], torch.zeros(8))
-    assert torch.equal(a[16:], torch.zeros(8))
-    assert a[8:16].abs().sum() > 0
-    # within a group advantages sum to zero
-    assert abs(a[8:16].sum().item()) < 1e-5
+    for name in ADVANTAGES:
+        a = group_advantages(r, 8, name)
+        assert torch.equal(a[:8], torch.zeros(8)), name
+        assert torch.equal(a[16:], torch.zeros(8)), name
+        assert a[8:16].abs().sum() > 0
+        # within a group advantages sum to zero
+        assert abs(a[8:16].sum().item()) < 1e-5
 
 
 def test_advantage_input_errors():
@@ -47,8 +49,12 @@ def test_advantage_input_errors():
         group_advantages(torch.zeros(8), 3)
     with pytest.raises(ConfigError, match="group_size = 1"):
         group_advantages(torch.zeros(4), 1)
-    # biased std or mean-only accept G = 1 (all zeros: a single sample has no baseline signal)
-    assert torch.equal(group_advantages(torch.tensor([0.3, 0.7]), 1, scale="none"), torch.zeros(2))
+    with pytest.raises(ConfigError, match="group_size = 1"):
+        group_advantages(torch.zeros(4), 1, "rloo")
+    with pytest.raises(ConfigError, match="grpo.advantage"):
+        group_advantages(torch.zeros(4), 2, "ppo")
+    # mean-only accepts G = 1 (all zeros: a single sample has no baseline signal)
+    assert torch.equal(group_advantages(torch.tensor([0.3, 0.7]), 1, "dr_grpo"), torch.zeros(2))
 
 
 # ---------------------------------------------------------------- KL estimators
