@@ -28,7 +28,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
-from minicd.codes import normalize
 from minicd.config import parse_reward_spec
 from minicd.metrics import fbeta
 from minicd.parse import ParsedCodes, parse_codes
@@ -113,7 +112,9 @@ def release_codes(text: str) -> ParsedCodes:
     """The codes the paper's public release reads from a response (its behaviour, not the
     paper's): the ``<code>`` span as :func:`minicd.parse.parse_codes` reads it when there is
     one; otherwise every ICD-shaped token (``_ICD_SHAPED``) in the text after the last closing
-    reasoning tag, normalized, unchecked against any code list (``has_span`` stays False)."""
+    reasoning tag, upper-cased, unchecked against any code list (``has_span`` stays False).
+    The patterns overlap as the release's do: "V58.61" also yields the category "V58." (with
+    its dot, so it never matches a gold code: one more false positive)."""
     parsed = parse_codes(text)
     if parsed.has_span:
         return parsed
@@ -125,9 +126,8 @@ def release_codes(text: str) -> ParsedCodes:
     found: dict[str, None] = {}
     for pattern in _ICD_SHAPED:
         for token in pattern.findall(text):
-            if normalize(token):
-                found.setdefault(normalize(token), None)
-    return ParsedCodes(tuple(found), False)
+            found.setdefault(token.upper(), None)  # as the release: no dot stripped, so the
+    return ParsedCodes(tuple(found), False)        # category pattern's "V58." is its own code
 
 
 def release_f1_reward(text: str, gold: Sequence[str], ctx: RewardContext = NO_CONTEXT
