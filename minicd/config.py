@@ -262,10 +262,6 @@ class Config:
                 raise ConfigError(f"grpo.kl_coef = {self.grpo.kl_coef!r} needs lora.enabled = true: "
                                   "the reference policy is the model with its adapter disabled; "
                                   "set grpo.kl_coef = 0 for full fine-tuning")
-        if stage == "grpo" and parse_reward_spec(self.grpo.reward).missed:
-            raise ConfigError(f"grpo.reward = {self.grpo.reward!r}: the '+missed' bonus needs "
-                              "--stage phi (a record's pool of missed codes comes from PHI's "
-                              "previous predictions); drop it for --stage grpo")
         if stage == "phi" and not self.lora.enabled:
             raise ConfigError("lora.enabled = false: PHI needs lora.enabled = true (rounds continue "
                               "a LoRA adapter; the reference is the model with its adapter disabled)")

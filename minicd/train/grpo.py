@@ -46,7 +46,7 @@ from minicd.algo.logprobs import model_token_logprobs, shared_prefix_logprobs
 from minicd.algo.reward import (RewardContext, RewardFn, code_frequencies,  # noqa: F401
                                 make_reward, reward)
 from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
-from minicd.config import Config, GRPOConfig, dump_config
+from minicd.config import Config, GRPOConfig, dump_config, parse_reward_spec
 from minicd.data.records import Record
 from minicd.errors import ConfigError
 from minicd.log import progress
@@ -342,6 +342,10 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     info = dist.init_distributed(t.device)
     _check_world(cfg, info.world_size)
     reward_fn = make_reward(g.reward)
+    if reward_context is None and parse_reward_spec(g.reward).missed:
+        raise ConfigError(f"grpo.reward = {g.reward!r}: the '+missed' bonus needs --stage phi (a "
+                          "record's pool of missed codes comes from PHI's previous predictions); "
+                          "drop it for --stage grpo")
     policy = build_policy(cfg, info)
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
