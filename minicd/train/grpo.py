@@ -43,8 +43,7 @@ from torch import nn
 from minicd import dist
 from minicd.algo.grpo import group_advantages, policy_loss
 from minicd.algo.logprobs import model_token_logprobs, shared_prefix_logprobs
-from minicd.algo.reward import (RewardContext, RewardFn, code_frequencies,  # noqa: F401
-                                make_reward, reward)
+from minicd.algo.reward import RewardContext, code_frequencies, make_reward
 from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
 from minicd.config import Config, GRPOConfig, dump_config, parse_reward_spec
 from minicd.data.records import Record
@@ -124,7 +123,7 @@ def generate_groups(engine, prompts: Sequence[Sequence[int]], shard: range,
 
 
 # ------------------------------------------------------------------ 4. reward
-# The rewards live in minicd.algo.reward (``reward``, ``make_reward`` re-exported here).
+# The rewards live in minicd.algo.reward (``make_reward`` is importable from here too).
 
 
 # ------------------------------------------------------------------ 5-6. log-probs and update
