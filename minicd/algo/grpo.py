@@ -206,7 +206,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     tensors (no device sync here; the caller reduces them): pg_loss, kl, clip_frac_low (share
     of tokens with A < 0 held at 1 - clip_low; cispo: any token with ratio below it),
     clip_frac_high (A > 0 held at 1 + clip_high; cispo: any token above it), dual_clip_frac,
-    ratio_mean/min/max, approx_kl_old (k3 of old vs current).
+    ratio_mean/min/max, approx_kl_old (token mean of k3 of old vs current). pg_loss and kl are
+    aggregated like the loss (so with ``seq-mean-token-sum-norm`` they are its terms, sum / (N L),
+    not means); the others are token means.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ConfigError(f"grpo.dual_clip = {dual_clip}: must be > 1 (the release used 3.0) or unset")
@@ -272,6 +274,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
             "ratio_min": torch.where(any_token, ratio.masked_fill(~m, float("inf")).amin(), 1.0),
             "ratio_max": torch.where(any_token, ratio.masked_fill(~m, float("-inf")).amax(), 1.0),
             "approx_kl_old": masked_mean(kl_penalty(logp.detach(), old_logp.detach(), "k3"),
-                                         mask, agg, norm_len),
+                                         mask, "token-mean"),
         }
     return total, stats
