@@ -41,7 +41,7 @@ def _groups(rewards: torch.Tensor, group_size: int, min_size: int) -> torch.Tens
 
 
 def _zero_flat_groups(r: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """Exact 0 for groups whose rewards are all equal (no learning signal); ``[B, G]`` -> ``[B*G]``."""
+    """Exact 0 for groups whose rewards are all equal (no signal); ``[B, G]`` -> ``[B*G]``."""
     flat = r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values   # [B, 1]
     return torch.where(flat, torch.zeros_like(adv), adv).view(-1)
 

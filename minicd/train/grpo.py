@@ -17,8 +17,10 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
    rewards (F-beta, class-balanced F1, the release's fallback, a missed-code bonus, a user
    function) through ``grpo.reward`` (:func:`minicd.algo.reward.make_reward`), each given a
    :class:`~minicd.algo.reward.RewardContext` (training code frequencies, the record's pool).
-5. Group advantages (Eq. 1, or ``grpo.advantage``); old log-probs (the detached current ones with one update per batch,
-   else recomputed once before the updates); reference log-probs under ``disable_adapters``.
+5. Group advantages (Eq. 1, or ``grpo.advantage``); old log-probs (the detached current ones
+   with one update per batch, else recomputed once before the updates); reference log-probs
+   under ``disable_adapters``. Responses cut at max_new_tokens leave the loss with
+   ``grpo.mask_truncated``.
 6. Clipped objective + beta x KL (Eq. 2) per micro-batch, rescaled so the loss is the token mean
    over the GLOBAL batch (all micro-batches and ranks); backward; clip; AdamW step (constant lr).
 7. Log, validate greedily every ``train.eval_every`` steps, checkpoint every ``train.save_every``
@@ -231,11 +233,11 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
     global-batch loss, whatever the micro-batching and world size (``seq-mean`` counts the rows
     with a token in the loss; ``seq-mean-token-sum-norm`` every row, with Dr. GRPO's constant
     ``norm_len``, rollout.max_new_tokens; default: the longest response of ``batch``). With
-    ``g.shared_prefix`` each
-    group's prompt is computed once per micro-batch (:func:`shared_prefix_logprobs`; same
-    values and gradients up to float rounding). Returns global floats: loss, pg_loss, kl, clip
-    fractions, approx_kl_old, ratio_mean, entropy, grad_norm (of the last update), time_logp_s
-    and time_update_s. Gradients of the last update stay in ``.grad``.
+    ``g.shared_prefix`` each group's prompt is computed once per micro-batch
+    (:func:`shared_prefix_logprobs`; same values and gradients up to float rounding). Returns
+    global floats: loss, pg_loss, kl, clip fractions, approx_kl_old, ratio_mean, entropy,
+    grad_norm (of the last update), time_logp_s and time_update_s. Gradients of the last update
+    stay in ``.grad``.
     """
     world = dist.get_world_size()
     mbs = micro_batches(batch, micro_batch_size, pad_id, shared=g.shared_prefix, device=device)
