@@ -354,3 +354,32 @@ def test_pool_transitions_by_hand():
     got = phi.pool_transitions(before, after, {})
     assert got["hinted_codes"] == 0 and got["hinted_recovery"] is None
     assert got["unhinted_recovery"] == pytest.approx(2 / 4)
+
+
+def test_missed_code_bonus_reads_the_round_pools(assets, scripted, tmp_path, monkeypatch):
+    """grpo.reward = "f1+missed:0.5": each rollout earns F1 + 0.5 per code of its record's
+    round-0 pool (the codes the start policy missed) that it predicts."""
+    out, train = tmp_path / "bonus", assets["train"]
+    # record i's round-0 pool is codes[i % 3:] (the refresh engine's construction): rollouts
+    # answer with every pooled code, or with nothing
+    pooled = sorted({c for i, r in enumerate(train) for c in r.codes[i % 3:]})
+    answers = ["<code>" + ", ".join(pooled) + "</code>", "<code></code>"]
+    monkeypatch.setattr(grpo, "build_engine",
+                        lambda cfg, model, tok, lora_cfg: Scripted(assets["tok"], answers=answers))
+    phi.run_phi(_cfg(assets, out, "phi.rounds=1", "train.max_steps=1",
+                     "grpo.reward=f1+missed:0.5"))
+    pools0 = _hand_pools(out / "init_train_predictions.jsonl", train)
+    used = [r for r in train if pools0[r.id]]
+    recs = [used[i] for i in grpo.step_prompt_indices(len(used), 2, 0, 0)]
+    seed = grpo.rollout_seed(0, 0)
+    f1s, bonuses = [], []
+    for j, rec in enumerate(recs):
+        for s in range(4):
+            pred = set(_codes(answers[int(np.random.default_rng(seed + j * 4 + s)
+                                          .integers(len(answers)))]))
+            gold = set(rec.codes)
+            f1s.append(2 * len(pred & gold) / (len(pred) + len(gold)) if pred else 0.0)
+            bonuses.append(0.5 * len(pred & gold & set(pools0[rec.id])))
+    assert sum(bonuses) > 0 and 0 in bonuses
+    row = [r for r in read_metrics(out / "round-0" / "metrics.jsonl") if "reward_mean" in r][0]
+    assert row["reward_mean"] == pytest.approx((sum(f1s) + sum(bonuses)) / 8, abs=1e-12)

@@ -14,9 +14,13 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
    GLOBAL prompt index, so one process and N processes draw the same samples (see
    :func:`generate_groups`).
 4. Reward = sample F1 of the parsed codes against the full gold set (0 without a span); other
-   rewards (F-beta, a user function) through ``grpo.reward`` (:func:`make_reward`).
-5. Group advantages (Eq. 1); old log-probs (the detached current ones with one update per batch,
-   else recomputed once before the updates); reference log-probs under ``disable_adapters``.
+   rewards (F-beta, class-balanced F1, the release's fallback, a missed-code bonus, a user
+   function) through ``grpo.reward`` (:func:`minicd.algo.reward.make_reward`), each given a
+   :class:`~minicd.algo.reward.RewardContext` (training code frequencies, the record's pool).
+5. Group advantages (Eq. 1, or ``grpo.advantage``); old log-probs (the detached current ones
+   with one update per batch, else recomputed once before the updates); reference log-probs
+   under ``disable_adapters``. Responses cut at max_new_tokens leave the loss with
+   ``grpo.mask_truncated``.
 6. Clipped objective + beta x KL (Eq. 2) per micro-batch, rescaled so the loss is the token mean
    over the GLOBAL batch (all micro-batches and ranks); backward; clip; AdamW step (constant lr).
 7. Log, validate greedily every ``train.eval_every`` steps, checkpoint every ``train.save_every``
@@ -28,7 +32,6 @@ Nothing here logs note or response text: only numbers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -42,14 +45,15 @@ from torch import nn
 from minicd import dist
 from minicd.algo.grpo import group_advantages, policy_loss
 from minicd.algo.logprobs import model_token_logprobs, shared_prefix_logprobs
+from minicd.algo.reward import RewardContext, code_frequencies, make_reward
 from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
 from minicd.config import Config, GRPOConfig, dump_config, parse_reward_spec
 from minicd.data.records import Record
 from minicd.errors import ConfigError
 from minicd.log import progress
-from minicd.metrics import corpus_metrics, fbeta
+from minicd.metrics import corpus_metrics
 from minicd.model.lora import disable_adapters
-from minicd.parse import ParsedCodes, parse_codes
+from minicd.parse import ParsedCodes
 from minicd.rollout.engine import Generation, SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
 from minicd.train.common import (build_engine, build_optimizer, build_policy, clip_grad_norm,
@@ -58,7 +62,6 @@ from minicd.train.common import (build_engine, build_optimizer, build_policy, cl
 
 # (record, step, global prompt index) -> prompt token ids. PHI renders hinted prompts here.
 PromptBuilder = Callable[[Record, int, int], list[int]]
-ADV_SCALES = {"unbiased": ("std", True), "biased": ("std", False), "none": ("none", True)}
 
 
 # ------------------------------------------------------------------ 1. prompts
@@ -122,45 +125,7 @@ def generate_groups(engine, prompts: Sequence[Sequence[int]], shard: range,
 
 
 # ------------------------------------------------------------------ 4. reward
-RewardFn = Callable[[str, Sequence[str]], "tuple[float, ParsedCodes]"]
-
-
-def reward(text: str, gold: Sequence[str], beta: float = 1.0) -> tuple[float, ParsedCodes]:
-    """Sample F-beta (default: the paper's sample F1) of the codes parsed from ``text`` against
-    the FULL gold set; 0 with no span."""
-    parsed = parse_codes(text)
-    return (fbeta(parsed.codes, gold, beta) if parsed.has_span else 0.0), parsed
-
-
-def make_reward(spec: str) -> RewardFn:
-    """The reward named by ``grpo.reward``, as ``(text, gold) -> (reward, parsed codes)``:
-
-    - ``"f1"``: the paper's sample F1 (:func:`reward`);
-    - ``"fbeta:<beta>"``: sample F-beta of the parsed codes (beta > 1 weighs recall more, < 1
-      precision; 0 with no span), for reward ablations;
-    - ``"package.module:function"``: a user function ``(response_text, gold_codes) -> float``,
-      imported once here. Its value is the reward as is; the parsed codes still feed the batch
-      statistics (span rate, batch micro-F1).
-    """
-    kind, arg = parse_reward_spec(spec)
-    if kind == "f1":
-        return reward
-    if kind == "fbeta":
-        return functools.partial(reward, beta=arg)
-    fn = arg
-
-    def user_reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
-        value = fn(text, tuple(gold))
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not math.isfinite(value):
-            raise ValueError(f"grpo.reward {spec!r} returned {value!r}; a reward must be a "
-                             f"finite number")
-        return value, parse_codes(text)
-
-    return user_reward
+# The rewards live in minicd.algo.reward (``make_reward`` is importable from here too).
 
 
 # ------------------------------------------------------------------ 5-6. log-probs and update
@@ -172,6 +137,7 @@ class RolloutBatch:
     prompts: list[list[int]]
     responses: list[list[int]]
     advantages: torch.Tensor  # [N]
+    keep: torch.Tensor | None = None  # [N] 0 for rows left out of the loss (grpo.mask_truncated)
 
 
 def collate_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
@@ -247,6 +213,8 @@ def micro_batches(batch: RolloutBatch, micro_batch_size: int, pad_id: int, *, sh
         else:  # collated once, scored by the reference pass and every update
             ids, attn, mask = collate_rollouts([prompts[o] for o in owner], responses, pad_id)
             rows = (ids.to(device), attn.to(device))
+        if batch.keep is not None:  # rows left out of the loss (grpo.mask_truncated)
+            mask = mask * batch.keep[s:s + micro_batch_size].to(mask.dtype).unsqueeze(1)
         out.append(MicroBatch(prompts, responses, owner, mask.to(device),
                               batch.advantages[s:s + micro_batch_size].to(device), shared, pad_id,
                               rows))
@@ -255,24 +223,33 @@ def micro_batches(batch: RolloutBatch, micro_batch_size: int, pad_id: int, *, sh
 
 def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
                 g: GRPOConfig, *, micro_batch_size: int, pad_id: int,
-                device: torch.device | str = "cpu") -> dict[str, float]:
+                device: torch.device | str = "cpu", norm_len: int | None = None
+                ) -> dict[str, float]:
     """Steps 5-6: log-probs, then ``g.updates_per_batch`` optimizer steps on ``batch`` (Eq. 2).
 
     The loss of each micro-batch (``policy_loss``, a mean over its own tokens or rows) is weighted
     by its share of the GLOBAL token (token-mean) or row (seq-mean) count and multiplied by the
     world size, because FSDP averages gradients over ranks: the summed gradient is that of the
-    global-batch loss, whatever the micro-batching and world size. With ``g.shared_prefix`` each
-    group's prompt is computed once per micro-batch (:func:`shared_prefix_logprobs`; same
-    values and gradients up to float rounding). Returns global floats: loss, pg_loss, kl, clip
-    fractions, approx_kl_old, ratio_mean, entropy, grad_norm (of the last update), time_logp_s
-    and time_update_s. Gradients of the last update stay in ``.grad``.
+    global-batch loss, whatever the micro-batching and world size (``seq-mean`` counts the rows
+    with a token in the loss; ``seq-mean-token-sum-norm`` every row, with Dr. GRPO's constant
+    ``norm_len``, rollout.max_new_tokens; default: the longest response of ``batch``). With
+    ``g.shared_prefix`` each group's prompt is computed once per micro-batch
+    (:func:`shared_prefix_logprobs`; same values and gradients up to float rounding). Returns
+    global floats: loss, pg_loss, kl, clip fractions, approx_kl_old, ratio_mean, entropy,
+    grad_norm (of the last update), time_logp_s and time_update_s. Gradients of the last update
+    stay in ``.grad``.
     """
     world = dist.get_world_size()
     mbs = micro_batches(batch, micro_batch_size, pad_id, shared=g.shared_prefix, device=device)
     tokens = [float(m.mask.sum()) for m in mbs]
-    rows = [float(m.mask.shape[0]) for m in mbs]
-    global_tokens = float(dist.all_reduce_sum(sum(tokens)))
-    global_rows = float(dist.all_reduce_sum(sum(rows)))
+    if g.agg == "seq-mean":  # rows with a token in the loss (grpo.mask_truncated drops some)
+        rows = [float((m.mask.sum(dim=1) > 0).sum()) for m in mbs]
+    else:
+        rows = [float(m.mask.shape[0]) for m in mbs]
+    if norm_len is None:
+        norm_len = max(len(r) for r in batch.responses)
+    global_tokens = max(float(dist.all_reduce_sum(sum(tokens))), 1.0)
+    global_rows = max(float(dist.all_reduce_sum(sum(rows))), 1.0)
     # share of the global loss each micro-batch's own mean stands for (x world: FSDP averages)
     agg_counts, agg_total = (tokens, global_tokens) if g.agg == "token-mean" else (rows, global_rows)
     weights = [c / agg_total * world for c in agg_counts]
@@ -300,14 +277,15 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
             logp, entropy = m.logprobs(model, with_entropy=True)  # [b, R]
             old_logp = logp.detach() if old[k] is None else old[k]
             loss, stats = policy_loss(logp, old_logp, ref[k], adv, mask, g.clip_low, g.clip_high,
-                                      g.kl_coef, g.kl_kind, g.agg, g.dual_clip)
+                                      g.kl_coef, g.kl_kind, g.agg, g.dual_clip,
+                                      ratio_level=g.ratio_level, loss=g.loss, norm_len=norm_len)
             (loss * weights[k]).backward()
             sums["loss"] += loss.item() * weights[k] / world
             for key in ("pg_loss", "kl"):
-                sums[key] += stats[key] * weights[k] / world
+                sums[key] += float(stats[key]) * weights[k] / world
             for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl_old",
                         "ratio_mean"):
-                sums[key] += stats[key] * tok_share[k]
+                sums[key] += float(stats[key]) * tok_share[k]
             sums["entropy"] += float((entropy.detach() * mask).sum()) / global_tokens
         grad_norm = clip_grad_norm(model, g.grad_clip)
         optimizer.step()
@@ -344,13 +322,16 @@ def _batch_stats(gens: list[Generation], rewards: list[float], parsed: list[Pars
 
 
 def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
-             train_records: Sequence[Record] | None = None) -> dict:
+             train_records: Sequence[Record] | None = None,
+             reward_context: Callable[[Record], RewardContext] | None = None) -> dict:
     """Train with GRPO as configured; return the last step's metrics (plus ``step``, ``stopped``).
 
     ``build_prompt(record, step, global_index) -> prompt ids`` (default: the hint-free prompt)
     lets PHI render hinted prompts; it must be deterministic in its arguments.
     ``train_records`` (default: the training split, capped by ``data.train_limit``) are the
     records the steps draw from; PHI passes the ones whose hint pools are not empty.
+    ``reward_context(record)`` gives the reward its context (default: the code frequencies of
+    ``train_records`` and no pool); PHI passes the training split's frequencies and the pools.
     Writes ``output_dir/metrics.jsonl`` (one line per step with: reward_mean, reward_std,
     batch_micro_f1, zero_var_frac, span_rate, loss, pg_loss, kl, entropy, clip_frac_low,
     clip_frac_high, dual_clip_frac, approx_kl_old, ratio_mean, response_len_mean,
@@ -362,6 +343,10 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     info = dist.init_distributed(t.device)
     _check_world(cfg, info.world_size)
     reward_fn = make_reward(g.reward)
+    if reward_context is None and parse_reward_spec(g.reward).missed:
+        raise ConfigError(f"grpo.reward = {g.reward!r}: the '+missed' bonus needs --stage phi (a "
+                          "record's pool of missed codes comes from PHI's previous predictions); "
+                          "drop it for --stage grpo")
     policy = build_policy(cfg, info)
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
@@ -370,6 +355,11 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
                   else load_split(cfg, "train", cfg.data.train_limit))
     val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
+    if reward_context is None:
+        shared_context = RewardContext(freq=code_frequencies(r.codes for r in train_recs))
+
+        def reward_context(rec: Record) -> RewardContext:
+            return shared_context
     B, G = g.prompts_per_step, g.group_size
     steps_per_epoch = len(train_recs) // B
     if steps_per_epoch < 1:
@@ -388,7 +378,6 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     engine = build_engine(cfg, model, tok, policy.lora_cfg)
     params = SamplingParams(n=G, temperature=ro.temperature, top_p=ro.top_p,
                             max_new_tokens=ro.max_new_tokens, stop_ids=tok.stop_ids)
-    scale, unbiased = ADV_SCALES[g.adv_std]
     shard = rank_shard(B, info.rank, info.world_size)
     config_text = dump_config(cfg)
     step = 0
@@ -424,17 +413,20 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
             time_gen = time.perf_counter() - t0
             gens = [x for group in groups for x in group]                       # [N]
             golds = [records[j].codes for j in shard for _ in range(G)]          # [N]
+            contexts = [reward_context(records[j]) for j in shard for _ in range(G)]  # [N]
             # 4. rewards
-            scored = [reward_fn(x.text, gold) for x, gold in zip(gens, golds)]
+            scored = [reward_fn(x.text, gold, c) for x, gold, c in zip(gens, golds, contexts)]
             rewards = [r for r, _ in scored]
             # 5-6. advantages (Eq. 1), log-probs, clipped objective (Eq. 2), optimizer step
-            advantages = group_advantages(torch.tensor(rewards), G, unbiased=unbiased,
-                                          scale=scale)                           # [N]
+            advantages = group_advantages(torch.tensor(rewards), G, g.advantage)  # [N]
+            keep = (torch.tensor([x.finish_reason != "length" for x in gens], dtype=torch.float32)
+                    if g.mask_truncated else None)                               # [N]
             batch = RolloutBatch([list(prompts[j]) for j in shard for _ in range(G)],
-                                 [x.token_ids for x in gens], advantages)
+                                 [x.token_ids for x in gens], advantages, keep)
             lr = optimizer.param_groups[0]["lr"]
             upd = grpo_update(model, optimizer, batch, g, micro_batch_size=t.micro_batch_size,
-                              pad_id=tok.pad_id, device=info.device)
+                              pad_id=tok.pad_id, device=info.device,
+                              norm_len=ro.max_new_tokens)
             step += 1
             # 7. log, validate, checkpoint
             dt = time.perf_counter() - t_step

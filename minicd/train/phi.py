@@ -52,6 +52,7 @@ import numpy as np
 
 from minicd import dist
 from minicd.algo.phi import code_recall, code_weights, hint_pool, sample_hints
+from minicd.algo.reward import RewardContext
 from minicd.checkpoint import latest_checkpoint
 from minicd.codes import DescriptionTable, truncate_description
 from minicd.config import Config, PHIConfig
@@ -288,7 +289,9 @@ def run_phi(cfg: Config) -> dict:
 
         # a. one GRPO epoch over `used`, hints drawn per (round, step, prompt)
         result = run_grpo(round_config(cfg, out, r, base, start_adapter), train_records=used,
-                          build_prompt=prompt_builder(pools, weights, cfg, r, tok, describe))
+                          build_prompt=prompt_builder(pools, weights, cfg, r, tok, describe),
+                          reward_context=lambda rec, p=pools: RewardContext(freq,
+                                                                            frozenset(p[rec.id])))
         if result["stopped"]:  # SIGTERM: the round's checkpoint is saved; resume continues it
             return {"round": r, **result}
 
