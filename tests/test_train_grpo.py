@@ -7,6 +7,7 @@ adapter moves; one CLI run uses the real torch engine end to end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import minicd.rollout.inference as inference
 import minicd.train.grpo as grpo
 from minicd.algo.grpo import policy_loss
 from minicd.algo.logprobs import model_token_logprobs
@@ -91,6 +93,19 @@ class PoolEngine:
 
     def __init__(self, tok, pool):
         self.tok, self.pool, self.version, self.calls = tok, pool, 0, []
+        self.awake, self.closed = True, False
+
+    def lockstep(self):
+        return contextlib.nullcontext()
+
+    def sleep(self):
+        self.awake = False
+
+    def wake_up(self):
+        self.awake = True
+
+    def close(self):
+        self.closed = True
 
     @property
     def weight_version(self):
@@ -104,6 +119,7 @@ class PoolEngine:
         return self.pool[int(np.random.default_rng(seed).integers(len(self.pool)))]
 
     def generate(self, prompts, params):
+        assert self.awake and not self.closed
         self.calls.append((len(prompts), params.seed))
         out = []
         for i, _ in enumerate(prompts):
@@ -121,11 +137,11 @@ class PoolEngine:
 def pool_engine(assets, monkeypatch):
     engines = []
 
-    def build(cfg, model, tok, lora_cfg):
+    def build(cfg, model, tok, lora_cfg, **kwargs):
         engines.append(PoolEngine(tok, assets["pool"]))
         return engines[-1]
 
-    monkeypatch.setattr(grpo, "build_engine", build)
+    monkeypatch.setattr(inference, "build_engine", build)
     return engines
 
 
@@ -331,6 +347,9 @@ def test_run_checkpoint_kl_and_exact_resume(assets, pool_engine, tmp_path):
 def test_engine_must_advance_weight_version():
     class Stale:
         weight_version = 3
+
+        def wake_up(self):
+            pass
 
         def sync_policy(self, model, state_dict=None):
             return 3
