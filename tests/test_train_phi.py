@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 
 import minicd.rollout.inference as inference
 import minicd.train.common as common
-import minicd.train.grpo as grpo
 import minicd.train.phi as phi
 from minicd.config import PHIConfig, load_config
 from minicd.data.records import read_records
