@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 
 import minicd.rollout.inference as inference
 from minicd.data.records import Record
