@@ -115,6 +115,8 @@ def test_every_shipped_preset_loads():
     ("train.max_steps=0", r"train\.max_steps = 0"),
     ("grpo.dual_clip=0.5", r"grpo\.dual_clip = 0\.5: must be > 1"),
     ("grpo.reward=fbeta:-1", r"grpo\.reward = 'fbeta:-1'"),
+    ("train.dist_timeout_s=10", r"train\.dist_timeout_s = 10\.0: must be in \[60, 86400\]"),
+    ("rollout.sleep=2", r"rollout\.sleep: expected true or false"),
 ])
 def test_every_value_is_checked_at_load(override, needle):
     """Enumerations (Literal types) and ranges fail at load, naming key, value and the rule."""
