@@ -3,11 +3,13 @@
 One :class:`VLLMEngine` runs an in-process ``vllm.LLM`` (no engine subprocess) over the base
 checkpoint directory (Hugging Face layout as written by :func:`minicd.model.hub.save_model`),
 colocated with the trainer on the same device. Under ``torchrun`` every rank builds its own
-engine and generates its own prompt shard; the only cross-rank step is :meth:`VLLMEngine.sync_policy`
-gathering an FSDP2-sharded policy (collective) so every rank's engine gets the full tensors (vLLM is started
-with ``distributed_executor_backend="external_launcher"`` when a multi-rank process group
-exists, so it reuses it instead of creating its own world; seen working with 2 CPU ranks on gloo).
-Give each rank different sampling seeds (e.g. ``seed + rank``).
+engine and generates its own prompt shard; the only cross-rank step is
+:meth:`VLLMEngine.sync_policy` gathering an FSDP2-sharded policy (collective), so every rank's
+engine gets the full tensors. vLLM is started with
+``distributed_executor_backend="external_launcher"`` when a multi-rank process group exists, so
+it reuses it instead of creating its own world (seen working with 2 CPU ranks on gloo). Seeds are
+per request (``seed + i * n``), so a rank generating global prompts ``j0, ..`` passes
+``seed + j0 * n`` (``minicd.rollout.inference.sharded_generate`` does).
 
 Policy sync (step 2 of a GRPO step):
 
