@@ -227,7 +227,8 @@ class HintedPrompts:
 
     Draws are appended (ids and codes only, no note text) to ``log_dir/hint_draws-rank<r>.jsonl``
     so a resumed round still knows the draws of the steps run before it; :meth:`read` returns
-    the draws of every rank, one per (step, global index)."""
+    the draws of every rank, one per (step, global index) (``output_dir`` is shared by the
+    ranks, as checkpoints and resume already assume)."""
 
     def __init__(self, pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
                  round_index: int, tok: Tokenizer, describe: Describe, log_dir: Path) -> None:
