@@ -98,8 +98,12 @@ class TrainConfig:
                                        #   (+ tokenizer) that transformers and vLLM serve directly
     resume: bool = False
     num_threads: int | None = None     # torch CPU threads (None: torch default)
+    dist_timeout_s: float = 1800.0     # torch.distributed collective timeout (seconds); no phase
+                                       #   leaves one rank alone for longer than a step
 
     def validate(self) -> None:
+        _need(60.0 <= self.dist_timeout_s <= 86400.0, "train.dist_timeout_s", self.dist_timeout_s,
+              "in [60, 86400] seconds (default 1800)")
         for key in ("micro_batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
             _at_least_one(f"train.{key}", getattr(self, key))
         _at_least_one("train.max_steps", self.max_steps, unset_ok=True)
@@ -188,6 +192,8 @@ class RolloutConfig:
     max_new_tokens: int = 196          # paper: 196; release used 512 for Full
     val_temperature: float = 0.0       # in-training validation is greedy (release: T 0.6 / top-p 0.95)
     max_batch_size: int = 64           # torch engine: rows (prompt x sample) decoded together
+    sleep: bool | None = None          # vLLM sleeps (weights offloaded, KV cache dropped) during
+                                       #   training passes; None: on with CUDA, off on CPU
 
     def validate(self) -> None:
         _need(self.temperature >= 0, "rollout.temperature", self.temperature, ">= 0 (paper: 1.0)")

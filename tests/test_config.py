@@ -122,6 +122,8 @@ def test_every_shipped_preset_loads():
     ("grpo.agg=sum", r"grpo\.agg = 'sum': expected one of token-mean, seq-mean, "
                      r"seq-mean-token-sum-norm"),
     ("grpo.adv_std=none", r"unknown key\(s\) grpo\.adv_std; valid keys here: .*advantage"),
+    ("train.dist_timeout_s=10", r"train\.dist_timeout_s = 10\.0: must be in \[60, 86400\]"),
+    ("rollout.sleep=2", r"rollout\.sleep: expected true or false"),
 ])
 def test_every_value_is_checked_at_load(override, needle):
     """Enumerations (Literal types) and ranges fail at load, naming key, value and the rule."""

@@ -7,6 +7,7 @@ adapter moves; one CLI run uses the real torch engine end to end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import minicd.rollout.inference as inference
 import minicd.train.grpo as grpo
 from minicd.algo.grpo import policy_loss
 from minicd.algo.logprobs import model_token_logprobs
@@ -91,6 +93,19 @@ class PoolEngine:
 
     def __init__(self, tok, pool):
         self.tok, self.pool, self.version, self.calls = tok, pool, 0, []
+        self.awake, self.closed = True, False
+
+    def lockstep(self):
+        return contextlib.nullcontext()
+
+    def sleep(self):
+        self.awake = False
+
+    def wake_up(self):
+        self.awake = True
+
+    def close(self):
+        self.closed = True
 
     @property
     def weight_version(self):
@@ -104,6 +119,7 @@ class PoolEngine:
         return self.pool[int(np.random.default_rng(seed).integers(len(self.pool)))]
 
     def generate(self, prompts, params):
+        assert self.awake and not self.closed
         self.calls.append((len(prompts), params.seed))
         out = []
         for i, _ in enumerate(prompts):
@@ -121,11 +137,11 @@ class PoolEngine:
 def pool_engine(assets, monkeypatch):
     engines = []
 
-    def build(cfg, model, tok, lora_cfg):
+    def build(cfg, model, tok, lora_cfg, **kwargs):
         engines.append(PoolEngine(tok, assets["pool"]))
         return engines[-1]
 
-    monkeypatch.setattr(grpo, "build_engine", build)
+    monkeypatch.setattr(inference, "build_engine", build)
     return engines
 
 
@@ -406,6 +422,9 @@ def test_engine_must_advance_weight_version():
     class Stale:
         weight_version = 3
 
+        def wake_up(self):
+            pass
+
         def sync_policy(self, model, state_dict=None):
             return 3
 
@@ -465,3 +484,53 @@ def test_policy_from_a_previous_adapter_and_its_reference(assets, tmp_path, mode
     torch.testing.assert_close(start, sft_logits, rtol=0, atol=1e-5)   # starts at the SFT policy
     expected_ref = sft_logits if mode == "merge" else base_logits
     torch.testing.assert_close(ref, expected_ref, rtol=0, atol=1e-5)
+
+
+SYNC_METHODS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__")
+
+
+def _count_syncs(monkeypatch, skip_files: tuple[str, ...], skip_dirs: tuple[str, ...]) -> Counter:
+    """Count host reads of tensors (``.item()``, ``.tolist()``, ``.cpu()``, ``float(t)``,
+    ``int(t)``, ``bool(t)``) made by minicd code, keyed by file:line of the caller."""
+    pkg = str(REPO / "minicd")
+    counts: Counter = Counter()
+    for name in SYNC_METHODS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, __real=real, **kwargs):
+            frame = sys._getframe(1)
+            where = frame.f_code.co_filename
+            rel = where[len(pkg) + 1:]
+            if (where.startswith(pkg) and not rel.endswith(skip_files)
+                    and not rel.startswith(skip_dirs)):
+                counts[f"{rel}:{frame.f_lineno}"] += 1
+            return __real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return counts
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_update_reads_statistics_once_whatever_the_micro_batching(assets, monkeypatch, shared):
+    """Device syncs of one GRPO update do not grow with the number of micro-batches: the loss
+    statistics stay tensors and are read back once (plus the one read of the token counts).
+    Not counted: ``algo/grpo.py``'s ``policy_loss``, which returns its statistics as floats in
+    this branch (its owner makes them 0-dim tensors), and the decoder's padding check (one
+    ``bool(mask.all())`` per padded forward, in ``minicd/model``: a forward's sync, not a loss
+    statistic's)."""
+    g = GRPOConfig(kl_coef=0.1, grad_clip=1.0, lr=1e-3, shared_prefix=shared)
+    model, batch = _update_inputs(assets)
+    per_run = []
+    for mbs in (6, 1):  # one micro-batch vs six
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=g.lr)
+        with monkeypatch.context() as mp:
+            counts = _count_syncs(mp, skip_files=("algo/grpo.py",), skip_dirs=("model/",))
+            res = grpo.grpo_update(m, opt, batch, g, micro_batch_size=mbs, pad_id=0)
+        per_run.append(counts)
+        assert res["loss"] != 0.0 and res["grad_norm"] > 0
+    one, six = per_run
+    print(f"syncs with 1 micro-batch: {dict(one)}; with 6: {dict(six)}")
+    in_loop = {k: v for k, v in six.items() if k.startswith("train/grpo.py")}
+    assert sum(in_loop.values()) == 2, in_loop   # token counts, then all statistics
+    assert sum(six.values()) == sum(one.values()), (one, six)
