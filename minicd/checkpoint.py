@@ -10,8 +10,9 @@ Layout of one checkpoint (``run_dir/checkpoints/step-00000042/``)::
     trainer_state.json        step, caller's state (epoch, data position), scheduler, python and
                               numpy RNG states; written last, so its presence marks completion
 
-Everything is written into ``step-XXXXXXXX.tmp-<pid>`` and renamed into place; then
-``checkpoints/latest`` (one line, the directory name) is replaced atomically, and only then are
+Everything is written into a temporary directory and renamed into place
+(``minicd.fileio.atomic_dir``); then ``checkpoints/latest`` (one line, the directory name) is
+replaced atomically (``minicd.fileio.atomic_file``), and only then are
 checkpoints beyond ``keep_last`` deleted. A crash at any point leaves the previous checkpoint and
 ``latest`` intact; stale ``.tmp-*`` directories are ignored and removed by the next save.
 Nothing is pickled to disk: tensors go to safetensors, the rest to JSON / TOML.
@@ -41,6 +42,7 @@ from torch import nn
 
 from minicd import dist
 from minicd.errors import CheckpointError
+from minicd.fileio import atomic_dir, write_text_atomic
 from minicd.model.lora import LoRAConfig, _clean_name, load_adapter, lora_modules, save_adapter
 
 CKPT_DIR = "checkpoints"
@@ -163,19 +165,8 @@ def _load_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 # ---------------------------------------------------------------------------------- save/load
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_json(path: Path, obj: Any) -> None:  # inside an atomic_dir (fsync'ed there)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _rng_payload(rng: RngState) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -211,47 +202,35 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
         return None
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("*.tmp-*"):  # left by a crash mid-save
+    for stale in [*root.glob("*.tmp-*"), *root.glob("*.old-*")]:  # left by a crash mid-save
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
     name = f"step-{step:08d}"
-    final, tmp = root / name, root / f"{name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    final = root / name
     try:
-        if lora_cfg is not None:
-            save_adapter(None, tmp / "adapter", lora_cfg, state_dict=weights)
-        else:
-            from minicd.model.hub import save_model
+        with atomic_dir(final) as tmp:  # re-saving a step swaps, never leaving the name empty
+            if lora_cfg is not None:
+                save_adapter(None, tmp / "adapter", lora_cfg, state_dict=weights)
+            else:
+                from minicd.model.hub import save_model
 
-            save_model(model, tmp / "model", state_dict=weights)
-        assert optim is not None
-        tensors, meta = optim
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "optimizer.json", meta)
-        rng_tensors = {f"rank{r}.{k}": t for r, (_, ts) in enumerate(rng_all) for k, t in ts.items()}
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        (tmp / "config.toml").write_text(config_text)
-        state = {"format_version": FORMAT_VERSION, "step": step, "trainer": trainer_state or {},
-                 "scheduler": None if scheduler is None else scheduler.state_dict(),
-                 "rng": [meta_r for meta_r, _ in rng_all]}
-        _write_json(tmp / TRAINER_STATE, state)  # last: marks the checkpoint complete
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step: swap, never leaving the name without a checkpoint
-            old = root / f"{name}.tmp-old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        latest_tmp = root / f"{LATEST}.tmp-{os.getpid()}"
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, root / LATEST)
-        _fsync_dir(root)
+                save_model(model, tmp / "model", state_dict=weights)
+            assert optim is not None
+            tensors, meta = optim
+            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+            _write_json(tmp / "optimizer.json", meta)
+            rng_tensors = {f"rank{r}.{k}": t for r, (_, ts) in enumerate(rng_all)
+                           for k, t in ts.items()}
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            (tmp / "config.toml").write_text(config_text)
+            state = {"format_version": FORMAT_VERSION, "step": step, "trainer": trainer_state or {},
+                     "scheduler": None if scheduler is None else scheduler.state_dict(),
+                     "rng": [meta_r for meta_r, _ in rng_all]}
+            _write_json(tmp / TRAINER_STATE, state)  # last: marks the checkpoint complete
+        write_text_atomic(root / LATEST, name + "\n")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         raise
     if keep_last is not None:

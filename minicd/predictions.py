@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from minicd.data.records import atomic_write, iter_jsonl
+from minicd.data.records import iter_jsonl
+from minicd.fileio import atomic_file
 from minicd.errors import DataError
 from minicd.parse import ParsedCodes
 
@@ -116,7 +117,7 @@ def write_predictions(rows: Iterable[dict], path: str | os.PathLike, *,
                 f.flush()
                 n += 1
     else:
-        with atomic_write(path) as f:
+        with atomic_file(path) as f:
             for text in texts:
                 f.write(text)
                 n += 1

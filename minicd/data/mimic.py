@@ -51,10 +51,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from minicd import codes as icd
-from minicd.data.records import (SPLITS, Record, atomic_write, sharegpt_dataset_info,
+from minicd.data.records import (SPLITS, Record, sharegpt_dataset_info,
                                  update_dataset_info, write_records, write_sharegpt)
 from minicd.data.splits import normalize_id, patient_split, read_split_file, write_split_file
 from minicd.errors import DataError
+from minicd.fileio import atomic_file
 from minicd.log import progress
 
 DEFAULT_SEED = 10          # Edin et al. seed their split scripts with 10
@@ -419,7 +420,7 @@ def build_dataset(admissions: Sequence[Admission], out_dir: str | os.PathLike, n
         "variants": summary_variants,
         "top_codes": labels,
     }
-    with atomic_write(ds_dir / "summary.json") as f:
+    with atomic_file(ds_dir / "summary.json") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     return summary
 

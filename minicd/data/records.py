@@ -7,7 +7,7 @@ A dataset split is a JSONL file, one :class:`Record` per line::
 
 Readers validate every line and raise :class:`~minicd.errors.DataError` naming ``file:line``
 and the offending key, never the note text (it is protected health information). Writers are
-atomic (temporary file + rename), so an interrupted run never leaves a half-written split.
+atomic (``minicd.fileio.atomic_file``), so an interrupted run never leaves a half-written split.
 
 The ShareGPT export is the instruction-tuning format of LlamaFactory (``formatting: sharegpt``):
 a JSON list of ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}], "id": ...}``.
@@ -15,18 +15,17 @@ a JSON list of ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from minicd.codes import normalize
 from minicd.errors import DataError
+from minicd.fileio import atomic_file
 from minicd.parse import format_answer
 from minicd.prompts import coding_prompt
 
@@ -71,22 +70,6 @@ def open_text(path: str | os.PathLike) -> IO[str]:
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}; check the path and its "
                         "permissions") from exc
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, newline: str | None = "\n") -> Iterator[IO[str]]:
-    """Write a text file atomically: to a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _bad(path: Path, lineno: int, key: str | None, what: str) -> DataError:
@@ -167,7 +150,7 @@ def write_records(records: Iterable[Record], path: str | os.PathLike) -> int:
     Key order is fixed and non-ASCII text is kept as is, so equal inputs give byte-identical files.
     """
     n = 0
-    with atomic_write(path) as f:
+    with atomic_file(path) as f:
         for rec in records:
             f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
             n += 1
@@ -202,7 +185,7 @@ def write_sharegpt(records: Iterable[Record], path: str | os.PathLike,
     JSON next to the data file or use :func:`update_dataset_info`.
     """
     path = Path(path)
-    with atomic_write(path) as f:
+    with atomic_file(path) as f:
         f.write("[")
         for i, rec in enumerate(records):
             f.write(("," if i else "") + "\n" + json.dumps(to_sharegpt(rec), ensure_ascii=False))
@@ -222,5 +205,5 @@ def update_dataset_info(path: str | os.PathLike, entries: dict) -> None:
         if not isinstance(info, dict):
             raise DataError(f"{path} is not a JSON object; delete it to regenerate")
     info.update(entries)
-    with atomic_write(path) as f:
+    with atomic_file(path) as f:
         f.write(json.dumps(dict(sorted(info.items())), indent=2, ensure_ascii=False) + "\n")

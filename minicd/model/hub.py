@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +195,8 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike,
     Weights are cast to ``dtype`` (default: as they are) and sharded with an index json when
     larger than ``max_shard_bytes``; tied models store the embedding only. ``state_dict`` (full,
     plain tensors, e.g. gathered from FSDP) replaces ``model.state_dict()``. A new ``out_dir``
-    appears atomically (temp dir + rename); into an existing one each file is replaced by rename
-    (other files such as the tokenizer's are kept, stale weight shards removed).
+    is replaced atomically (``minicd.fileio.atomic_dir``); files of an existing one other than
+    weights (e.g. the tokenizer's) are carried over, stale weight shards dropped.
     """
     config = model.config
     state = model.state_dict() if state_dict is None else state_dict
@@ -222,9 +221,11 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike,
     files = _shard(tensors, max_shard_bytes)
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"save_model: {out} exists and is not a directory.")
+    from minicd.fileio import atomic_dir
+
+    with atomic_dir(out) as tmp:
         for fname, keys in files.items():
             save_file({k: tensors[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
         if len(files) > 1:
@@ -237,22 +238,13 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike,
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         hf = config.replace(torch_dtype=saved).to_hf_dict()
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        if not out.exists():
-            os.rename(tmp, out)
-            return out
-        if not out.is_dir():
-            raise CheckpointError(f"save_model: {out} exists and is not a directory.")
-        new = set(os.listdir(tmp))
-        for stale in out.iterdir():
-            if stale.name not in new and (stale.name in (WEIGHTS_NAME, INDEX_NAME) or
-                                          re.fullmatch(r"model-\d+-of-\d+\.safetensors",
-                                                       stale.name)):
-                stale.unlink()
-        for fname in sorted(new, key=lambda n: n == "config.json"):  # config.json last
-            os.replace(tmp / fname, out / fname)
-        return out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if out.is_dir():  # keep the other files (tokenizer ...), drop stale weight shards
+            for old in out.iterdir():
+                stale = old.name in (WEIGHTS_NAME, INDEX_NAME) or re.fullmatch(
+                    r"model-\d+-of-\d+\.safetensors", old.name)
+                if not stale and not (tmp / old.name).exists():
+                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
+    return out
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> dict[str, list[str]]:

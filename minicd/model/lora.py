@@ -21,8 +21,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -483,24 +481,13 @@ def save_adapter(
     }
     if not tensors:
         raise ValueError("no LoRA tensors to save: inject_lora first or pass the adapter state")
+    from minicd.fileio import atomic_dir
+
     out_dir = os.fspath(out_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(cfg.to_peft_dict(base_model_name_or_path), f, indent=2, sort_keys=True)
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
