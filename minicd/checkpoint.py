@@ -427,10 +427,13 @@ class SigtermFlag:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
+    last_signum: int | None = None  # the latest signal any flag caught (see stop_signal)
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.triggered and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.triggered, self.signum = True, signum
+        SigtermFlag.last_signum = signum
 
     def any_rank(self) -> bool:
         """True if any rank was signalled (collective: every rank must call it together)."""
@@ -448,3 +451,9 @@ class SigtermFlag:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+def stop_signal() -> int | None:
+    """The signal that last stopped a training loop in this process (None: none did). The CLI
+    exits with 128 + this number after the stop checkpoint is saved."""
+    return SigtermFlag.last_signum
