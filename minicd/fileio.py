@@ -22,10 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from minicd.errors import OutputError
+from minicd.errors import CheckpointError, OutputError
 
-__all__ = ["RUN_MARKERS", "atomic_dir", "atomic_file", "check_writable", "claim_run_dir",
-           "fsync_dir", "holds_run", "write_text_atomic"]
+__all__ = ["RUN_MARKERS", "atomic_dir", "atomic_file", "check_safetensors", "check_writable",
+           "claim_run_dir", "fsync_dir", "holds_run", "read_json", "read_safetensors",
+           "write_text_atomic"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -110,6 +111,57 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------- reading saved files
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size} bytes"
+    except OSError:
+        return "size unknown"
+
+
+def read_json(path: str | os.PathLike, fix: str = "re-save or re-download it") -> object:
+    """Parse a JSON file; a missing, unreadable or corrupt one raises CheckpointError naming it."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}; {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
+        raise CheckpointError(f"{where}: corrupt JSON ({_size(path)}; {exc}); {fix}") from None
+
+
+def check_safetensors(path: str | os.PathLike, fix: str = "re-save or re-download it") -> None:
+    """Open a safetensors file's header (cheap: nothing is loaded); a zero-byte, truncated or
+    corrupt file raises CheckpointError naming it (safetensors checks that the data the header
+    declares is all there)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_size(path)}: {exc}); "
+                              f"it looks truncated or corrupt: {fix}") from None
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu",
+                     fix: str = "re-save or re-download it") -> dict:
+    """``safetensors.torch.load_file`` with a CheckpointError naming a truncated/corrupt file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_size(path)}: {exc}); "
+                              f"it looks truncated or corrupt: {fix}") from None
 
 
 # ------------------------------------------------------------------------ output directories

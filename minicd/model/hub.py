@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from minicd.errors import CheckpointError, ConfigError
+from minicd.fileio import read_json, read_safetensors
 from minicd.model.qwen import QwenConfig, QwenForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -96,7 +97,8 @@ def load_state_dict(checkpoint_dir: str | os.PathLike,
     if (root / WEIGHTS_NAME).is_file():
         files = [root / WEIGHTS_NAME]
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        index_data = read_json(index)
+        weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: key 'weight_map' missing or not an object.")
         files = [root / f for f in dict.fromkeys(weight_map.values())]
@@ -109,7 +111,7 @@ def load_state_dict(checkpoint_dir: str | os.PathLike,
                               "checkpoints are read; convert pickled *.bin weights first.")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f), device=str(torch.device(device))))
+        state.update(read_safetensors(f, device=str(torch.device(device))))
     return state
 
 

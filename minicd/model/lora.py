@@ -504,8 +504,7 @@ def load_adapter(
     features, target modules the model lacks, missing/unexpected tensors, shape mismatches. The
     tensors are checked before the model is touched.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from minicd.fileio import read_json, read_safetensors
 
     adapter_dir = os.fspath(adapter_dir)
     cfg_path, w_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
@@ -515,12 +514,11 @@ def load_adapter(
         if not os.path.isfile(path):
             hint = " (pickled adapter_model.bin is not read; re-save with safetensors)"
             raise CheckpointError(f"adapter file {path} is missing" + (hint if path == w_path else ""))
-    try:
-        with open(cfg_path) as f:
-            cfg = LoRAConfig.from_peft_dict(json.load(f), source=cfg_path)
-        loaded = load_file(w_path)
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read adapter {adapter_dir}: {e}") from None
+    cfg_dict = read_json(cfg_path, fix="re-save the adapter")
+    if not isinstance(cfg_dict, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object (a PEFT adapter_config.json)")
+    cfg = LoRAConfig.from_peft_dict(cfg_dict, source=cfg_path)
+    loaded = read_safetensors(w_path, fix="re-save the adapter")
 
     try:
         targets = _find_targets(model, cfg.target_modules)
