@@ -29,7 +29,9 @@ class SamplingParams:
     filtering, keeping the smallest set of most likely tokens whose cumulative probability
     reaches ``top_p`` (1.0 keeps all). max_new_tokens: response budget (196 in the paper).
     stop_ids: token ids that end a response (e.g. ``Tokenizer.stop_ids``). seed: seeds the
-    engine's sampling generator (None: non-deterministic). return_logprobs: also return
+    engine's sampling generator (None: non-deterministic). seeds: one seed per prompt instead
+    (its samples then depend only on that seed and their index, not on the other prompts of
+    the call; ``rollout.py`` derives them from record ids). return_logprobs: also return
     per-token log-probs (see :class:`Generation`).
     """
 
@@ -40,9 +42,12 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     seed: int | None = None
     return_logprobs: bool = False
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ConfigError(f"SamplingParams.n must be a positive integer, got {self.n!r}")
         if not self.temperature >= 0.0:

@@ -14,6 +14,7 @@ and the vLLM one alike).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -104,6 +105,11 @@ class TorchEngine:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise DataError(f"generate: prompt {i} is empty; every prompt needs >= 1 token")
+        if params.seeds is not None and not params.greedy:  # per-prompt seeds: one call each
+            if len(params.seeds) != len(prompts):
+                raise ValueError(f"{len(params.seeds)} seeds for {len(prompts)} prompts")
+            return [self.generate([p], replace(params, seed=s, seeds=None), progress=progress)[0]
+                    for p, s in zip(prompts, params.seeds)]
         rows = [(i, s) for i in range(len(prompts)) for s in range(params.n)]  # prompt-major
         generator = None
         if not params.greedy:

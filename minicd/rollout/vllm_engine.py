@@ -240,7 +240,8 @@ class VLLMEngine:
 
         With ``params.seed`` set, prompt ``i`` is a request seeded ``seed + i * n`` and vLLM gives
         its sample ``s`` the seed ``seed + i * n + s``: every (prompt, sample) has its own
-        stream, so a call is reproducible independently of batching and scheduling.
+        stream, so a call is reproducible independently of batching and scheduling. With
+        ``params.seeds``, prompt ``i``'s request is seeded ``seeds[i]`` instead.
         """
         if self._sleeping:
             raise RuntimeError("VLLMEngine.generate called while sleeping; call wake_up first")
@@ -266,7 +267,8 @@ class VLLMEngine:
             n=params.n, temperature=params.temperature, top_p=params.top_p,
             max_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
             ignore_eos=True,  # stop only on params.stop_ids, like TorchEngine
-            seed=None if params.seed is None else params.seed + i * params.n,
+            seed=(params.seeds[i] if params.seeds is not None
+                  else None if params.seed is None else params.seed + i * params.n),
             logprobs=0 if params.return_logprobs else None, detokenize=False,
         ) for i in range(len(prompts))]
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]

@@ -9,7 +9,9 @@ same greedy validation hook (:func:`greedy_validate`): prompt -> greedy decode -
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +25,8 @@ from minicd.checkpoint import config_diff, load_checkpoint, restore_rng, resume_
 from minicd.config import Config, DataConfig
 from minicd.data.records import Record, read_records
 from minicd.data.truncate import fit_prompt
-from minicd.errors import ConfigError, DataError
+from minicd.errors import ConfigError, DataError, OutputError
+from minicd.fileio import check_writable
 from minicd.log import MetricsLogger, progress, truncate_metrics
 from minicd.metrics import corpus_metrics
 from minicd.model.hub import (copy_tokenizer_files, load_model, load_tokenizer, resolve_checkpoint,
@@ -290,6 +293,35 @@ def greedy_validate(model: nn.Module, tok: Tokenizer, records: Sequence[Record],
     return out
 
 
+def record_seed(seed: int, record_id: str) -> int:
+    """The sampling seed of one record in a sampled rollout: a hash of (``train.seed``, record
+    id), so a record's samples do not depend on which other records share its batch, or on
+    what a resumed run still had to do (31 bits: every engine accepts it)."""
+    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def _finished_ids(out: Path, n: int) -> set[str]:
+    """Ids whose ``n`` samples are all in the predictions file ``out`` (resume). A torn last line
+    is cut off, and the rows of records with only some of their samples are removed (both with
+    a warning), so those records are generated again, whole."""
+    from minicd.predictions import drop_torn_tail, read_predictions, write_predictions
+
+    if not out.is_file():
+        return set()
+    drop_torn_tail(out)
+    rows = read_predictions(out)
+    samples: dict[str, set[int]] = {}
+    for row in rows:
+        samples.setdefault(row["id"], set()).add(row["sample_index"])
+    partial = {i for i, got in samples.items() if not set(range(n)) <= got}
+    if partial:
+        print(f"warning: {out}: {len(partial)} record(s) have fewer than --n {n} samples; "
+              "their rows are removed and generated again", file=sys.stderr)
+        write_predictions([r for r in rows if r["id"] not in partial], out)
+    return set(samples) - partial
+
+
 def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None = None,
                 temperature: float = 0.0, n: int = 1, limit: int | None = None,
                 chunk_size: int = 64, show_progress: bool = True,
@@ -298,11 +330,12 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
 
     The policy is ``model.path`` plus ``adapter`` (default ``lora.init_adapter``; None: the bare
     model), sampled by ``rollout.engine`` at ``temperature`` (0: greedy) and ``rollout.top_p``,
-    ``n`` responses per record, at most ``rollout.max_new_tokens`` tokens each. Rows
-    (``minicd.predictions.prediction_row``) are appended chunk by chunk (``chunk_size`` records),
-    so an interrupted run keeps its finished chunks; records whose id is already in ``out`` are
-    skipped (resume). Sampled runs seed each chunk with ``train.seed`` + the position of its first
-    record in the split. ``prompt_kind``: None for the fixed coding instruction (SFT/GRPO/PHI),
+    ``n`` responses per record, at most ``rollout.max_new_tokens`` tokens each. Records are
+    generated ``chunk_size`` at a time and their rows (``minicd.predictions.prediction_row``)
+    appended record by record, so an interrupted run keeps every finished record; records with
+    all ``n`` samples in ``out`` are skipped (resume; a torn last line is dropped and redone).
+    Sampled runs seed each record with :func:`record_seed` (``train.seed``, record id), so a
+    resumed run writes exactly the rows of an uninterrupted one. ``prompt_kind``: None for the fixed coding instruction (SFT/GRPO/PHI),
     or an Appendix D baseline ("zero_shot", "few_shot", "zero_shot_cot", "few_shot_cot"; see
     ``minicd.baselines``: few-shot examples come from the train split). Returns ``{"written", "skipped", "n_records", "micro_f1", ...}``: corpus
     metrics of sample 0 of every record (a record with no row counts as an empty prediction).
@@ -310,8 +343,21 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
     from minicd.predictions import prediction_row, read_predictions, write_predictions
 
     out = Path(out)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: must be >= 1 (or left out for the whole split)")
+    if n < 1:
+        raise ConfigError(f"--n {n}: must be >= 1 (samples per record)")
+    if temperature < 0:
+        raise ConfigError(f"--temperature {temperature}: must be >= 0 (0 = greedy)")
     if prompt_kind is not None:
         check_kind(prompt_kind)
+    # every input and the output are checked before the model loads
+    records = load_split(cfg, split, limit)
+    train = load_split(cfg, "train") if prompt_kind and needs_shots(prompt_kind) else None
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give a predictions .jsonl file path")
+    check_writable(out.parent, "predictions folder")
+    done = _finished_ids(out, n)
     info = dist.init_distributed(cfg.train.device)
     dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
     model = load_model(cfg.model.path, dtype=dtype, device=info.device)
@@ -323,26 +369,26 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
     if lora_cfg is not None:
         engine.sync_policy(model)  # vLLM: push the adapter; torch: reads the live module
 
-    records = load_split(cfg, split, limit)
     if prompt_kind is None:
         encode = lambda recs: [prompt_ids(r, tok, cfg.data) for r in recs]  # noqa: E731
     else:
-        train = load_split(cfg, "train") if needs_shots(prompt_kind) else None
         encode = BaselinePrompter.from_config(prompt_kind, cfg.data, tok, train).prompt_ids
-    done = {row["id"] for row in read_predictions(out)} if out.is_file() else set()
     todo = [(i, r) for i, r in enumerate(records) if r.id not in done]
     written = 0
     bar = progress(total=len(todo), desc=f"rollout {split}", unit="rec",
                    disable=None if show_progress else True)
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start:start + chunk_size]
+        seeds = None if temperature == 0 else tuple(record_seed(cfg.train.seed, r.id)
+                                                    for _, r in chunk)
         params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
-                                stop_ids=tok.stop_ids, seed=cfg.train.seed + chunk[0][0])
+                                stop_ids=tok.stop_ids, seeds=seeds)
         groups = engine.generate(encode([r for _, r in chunk]), params)
-        rows = [prediction_row(r.id, g.text, parse_codes(g.text), g.sample_index)
-                for (_, r), group in zip(chunk, groups) for g in group]
-        written += write_predictions(rows, out, append=True)
+        for (_, r), group in zip(chunk, groups):  # one write per record: all n rows or none
+            written += write_predictions([prediction_row(r.id, g.text, parse_codes(g.text),
+                                                         g.sample_index) for g in group],
+                                         out, append=True)
         bar.update(len(chunk))
     bar.close()
 
