@@ -362,13 +362,13 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     info = dist.init_distributed(t.device)
     _check_world(cfg, info.world_size)
     reward_fn = make_reward(g.reward)
+    train_recs = (list(train_records) if train_records is not None  # data before the model
+                  else load_split(cfg, "train", cfg.data.train_limit))
+    val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     policy = build_policy(cfg, info)
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
 
-    train_recs = (list(train_records) if train_records is not None
-                  else load_split(cfg, "train", cfg.data.train_limit))
-    val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
     B, G = g.prompts_per_step, g.group_size
     steps_per_epoch = len(train_recs) // B
