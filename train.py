@@ -50,8 +50,6 @@ def resume_command(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from minicd.dist import destroy_distributed
-
     done = False
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
@@ -80,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:  # ranks meet at a barrier only when all finished; an error path just tears down
-        destroy_distributed(sync=done)
+        if "minicd.dist" in sys.modules:  # not imported (nor torch) when the config was refused
+            sys.modules["minicd.dist"].destroy_distributed(sync=done)
     if result.get("stopped"):
         signum = stop_signal() or signal.SIGTERM  # another rank's signal stopped this one
         if main_rank:
@@ -98,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from minicd.dist import exit_process
-
-    exit_process(main())  # under torchrun: os._exit after the clean teardown (see exit_process)
+    code = main()
+    if "minicd.dist" not in sys.modules:  # refused before torch was imported
+        sys.exit(code)
+    sys.modules["minicd.dist"].exit_process(code)  # torchrun: os._exit after the teardown
