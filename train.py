@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except MinicdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handler was set, or pressed twice
+        print("interrupted (Ctrl-C) outside a training step: no checkpoint saved by this stop; "
+              "--resume continues from the last saved one, if any", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
     finally:  # ranks meet at a barrier only when all finished; an error path just tears down
         if "minicd.dist" in sys.modules:  # not imported (nor torch) when the config was refused
             sys.modules["minicd.dist"].destroy_distributed(sync=done)

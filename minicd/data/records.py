@@ -75,6 +75,9 @@ def open_text(path: str | os.PathLike) -> IO[str]:
                         "permissions") from exc
 
 
+atomic_write = atomic_file  # old name, kept for callers: the one helper is minicd.fileio's
+
+
 def _bad(path: Path, lineno: int, key: str | None, what: str) -> DataError:
     where = f"{path}:{lineno}" + (f": key '{key}'" if key else "")
     return DataError(f"{where}: {what}; fix or remove this line, or re-create the file with "

@@ -335,8 +335,8 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
     appended record by record, so an interrupted run keeps every finished record; records with
     all ``n`` samples in ``out`` are skipped (resume; a torn last line is dropped and redone).
     Sampled runs seed each record with :func:`record_seed` (``train.seed``, record id), so a
-    resumed run writes exactly the rows of an uninterrupted one. ``prompt_kind``: None for the fixed coding instruction (SFT/GRPO/PHI),
-    or an Appendix D baseline ("zero_shot", "few_shot", "zero_shot_cot", "few_shot_cot"; see
+    resumed run writes exactly the rows of an uninterrupted one. ``prompt_kind``: None for the
+    fixed coding instruction (SFT/GRPO/PHI), or an Appendix D baseline ("zero_shot", "few_shot", "zero_shot_cot", "few_shot_cot"; see
     ``minicd.baselines``: few-shot examples come from the train split). Returns ``{"written", "skipped", "n_records", "micro_f1", ...}``: corpus
     metrics of sample 0 of every record (a record with no row counts as an empty prediction).
     """
