@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from minicd import evaluation as ev
-        from minicd.data.records import atomic_write
+        from minicd.fileio import atomic_file
 
         if args.plots and args.out is None:
             raise ConfigError("--plots needs --out DIR to write the PNG files")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": results,
             }, indent=2, default=str) + "\n"
             for name, text in files.items():
-                with atomic_write(args.out / name) as f:
+                with atomic_file(args.out / name) as f:
                     f.write(text)
             print(f"wrote {', '.join(sorted(files))} to {args.out}")
         if args.plots:

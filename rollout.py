@@ -45,25 +45,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="coding (default) or an Appendix D prompting baseline")
     p.add_argument("--max-new-tokens", type=int,
                    help="default: rollout.max_new_tokens; CoT prompts need more (e.g. 512)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere among "
+                                                "the options)")
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        import torch
-
         from minicd.baselines import COT_KINDS, COT_MIN_NEW_TOKENS
         from minicd.config import load_config
-        from minicd.train.common import run_rollout
+        from minicd.errors import ConfigError
 
+        for flag, value, low in (("--limit", args.limit, 1), ("--n", args.n, 1),
+                                 ("--max-new-tokens", args.max_new_tokens, 1)):
+            if value is not None and value < low:
+                raise ConfigError(f"{flag} {value}: must be >= {low}")
+        if not args.temperature >= 0:
+            raise ConfigError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
         overrides = list(args.overrides)
         if args.engine:
             overrides.append(f"rollout.engine={args.engine}")
         if args.max_new_tokens is not None:
             overrides.append(f"rollout.max_new_tokens={args.max_new_tokens}")
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)  # before torch: a bad config fails fast
+
+        import torch
+
+        from minicd.train.common import run_rollout
+
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
         kind = None if args.prompt == "coding" else args.prompt

@@ -10,8 +10,9 @@ Layout of one checkpoint (``run_dir/checkpoints/step-00000042/``)::
     trainer_state.json        step, caller's state (epoch, data position), scheduler, python and
                               numpy RNG states; written last, so its presence marks completion
 
-Everything is written into ``step-XXXXXXXX.tmp-<pid>`` and renamed into place; then
-``checkpoints/latest`` (one line, the directory name) is replaced atomically, and only then are
+Everything is written into a temporary directory and renamed into place
+(``minicd.fileio.atomic_dir``); then ``checkpoints/latest`` (one line, the directory name) is
+replaced atomically (``minicd.fileio.atomic_file``), and only then are
 checkpoints beyond ``keep_last`` deleted. A crash at any point leaves the previous checkpoint and
 ``latest`` intact; stale ``.tmp-*`` directories are ignored and removed by the next save.
 Nothing is pickled to disk: tensors go to safetensors, the rest to JSON / TOML.
@@ -29,6 +30,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from minicd import dist
 from minicd.errors import CheckpointError
+from minicd.fileio import (atomic_dir, check_safetensors, read_json, read_safetensors,
+                           write_text_atomic)
 from minicd.model.lora import LoRAConfig, _clean_name, load_adapter, lora_modules, save_adapter
 
 CKPT_DIR = "checkpoints"
@@ -137,7 +141,7 @@ def _load_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     names = _param_names(model, optimizer)
     sd: dict = {}
     if dist.get_rank() == 0:
-        meta = json.loads((ckpt / "optimizer.json").read_text())
+        meta = read_json(ckpt / "optimizer.json")
         if meta["param_names"] != names:
             diff = sorted(set(meta["param_names"]) ^ set(names))[:3]
             raise CheckpointError(
@@ -145,7 +149,7 @@ def _load_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 f"parameters, the optimizer has {len(names)} (differing: {diff}); build the model "
                 "and optimizer as in the saved run (same LoRA targets, same param groups)")
         state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
-        for key, t in load_file(str(ckpt / "optimizer.safetensors")).items():
+        for key, t in read_safetensors(ckpt / "optimizer.safetensors").items():
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = t
         groups = [_retuple(g, c) for g, c in zip(meta["param_groups"], optimizer.param_groups)]
@@ -163,19 +167,8 @@ def _load_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 # ---------------------------------------------------------------------------------- save/load
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_json(path: Path, obj: Any) -> None:  # inside an atomic_dir (fsync'ed there)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _rng_payload(rng: RngState) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -211,47 +204,35 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
         return None
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("*.tmp-*"):  # left by a crash mid-save
+    for stale in [*root.glob("*.tmp-*"), *root.glob("*.old-*")]:  # left by a crash mid-save
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
     name = f"step-{step:08d}"
-    final, tmp = root / name, root / f"{name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    final = root / name
     try:
-        if lora_cfg is not None:
-            save_adapter(None, tmp / "adapter", lora_cfg, state_dict=weights)
-        else:
-            from minicd.model.hub import save_model
+        with atomic_dir(final) as tmp:  # re-saving a step swaps, never leaving the name empty
+            if lora_cfg is not None:
+                save_adapter(None, tmp / "adapter", lora_cfg, state_dict=weights)
+            else:
+                from minicd.model.hub import save_model
 
-            save_model(model, tmp / "model", state_dict=weights)
-        assert optim is not None
-        tensors, meta = optim
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "optimizer.json", meta)
-        rng_tensors = {f"rank{r}.{k}": t for r, (_, ts) in enumerate(rng_all) for k, t in ts.items()}
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        (tmp / "config.toml").write_text(config_text)
-        state = {"format_version": FORMAT_VERSION, "step": step, "trainer": trainer_state or {},
-                 "scheduler": None if scheduler is None else scheduler.state_dict(),
-                 "rng": [meta_r for meta_r, _ in rng_all]}
-        _write_json(tmp / TRAINER_STATE, state)  # last: marks the checkpoint complete
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step: swap, never leaving the name without a checkpoint
-            old = root / f"{name}.tmp-old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        latest_tmp = root / f"{LATEST}.tmp-{os.getpid()}"
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, root / LATEST)
-        _fsync_dir(root)
+                save_model(model, tmp / "model", state_dict=weights)
+            assert optim is not None
+            tensors, meta = optim
+            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+            _write_json(tmp / "optimizer.json", meta)
+            rng_tensors = {f"rank{r}.{k}": t for r, (_, ts) in enumerate(rng_all)
+                           for k, t in ts.items()}
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            (tmp / "config.toml").write_text(config_text)
+            state = {"format_version": FORMAT_VERSION, "step": step, "trainer": trainer_state or {},
+                     "scheduler": None if scheduler is None else scheduler.state_dict(),
+                     "rng": [meta_r for meta_r, _ in rng_all]}
+            _write_json(tmp / TRAINER_STATE, state)  # last: marks the checkpoint complete
+        write_text_atomic(root / LATEST, name + "\n")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         raise
     if keep_last is not None:
@@ -284,14 +265,70 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check, without loading tensors, that checkpoint ``path`` is whole: every file present,
+    the JSON and TOML files parse, every safetensors file's header and size are intact. Raises
+    CheckpointError naming the first bad file. Local (not collective)."""
+    ckpt = Path(path)
+    has_adapter = (ckpt / "adapter").is_dir()
+    required = [*_REQUIRED, TRAINER_STATE, "adapter" if has_adapter else "model"]
+    missing = [f for f in required if not (ckpt / f).exists()]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing {missing}; resume from "
+                              "an earlier checkpoint or start fresh")
+    fix = "resume from an earlier checkpoint (delete this one) or start fresh"
+    state = read_json(ckpt / TRAINER_STATE, fix)
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        got = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: key 'format_version' is {got!r}, this "
+                              f"minicd reads {FORMAT_VERSION}")
+    read_json(ckpt / "optimizer.json", fix)
+    try:
+        tomllib.loads((ckpt / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise CheckpointError(f"{ckpt / 'config.toml'}: unreadable ({exc}); {fix}") from None
+    tensors = [ckpt / "optimizer.safetensors", ckpt / "rng.safetensors"]
+    if has_adapter:
+        from minicd.model.lora import CONFIG_NAME, WEIGHTS_NAME
+
+        read_json(ckpt / "adapter" / CONFIG_NAME, fix)
+        tensors.append(ckpt / "adapter" / WEIGHTS_NAME)
+    else:
+        shards = sorted((ckpt / "model").glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"checkpoint {ckpt}: no weights in {ckpt / 'model'}; {fix}")
+        tensors += shards
+    for f in tensors:
+        check_safetensors(f, fix)
+
+
 def resume_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """:func:`latest_checkpoint`, or a CheckpointError saying how to start fresh."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise CheckpointError(
-            f"--resume: no complete checkpoint under {Path(run_dir) / CKPT_DIR}; check the run "
-            "directory, or drop --resume to start a fresh run")
-    return path
+    """The checkpoint to resume from: :func:`latest_checkpoint` if it passes
+    :func:`verify_checkpoint`, else the newest earlier complete one that does (with a warning
+    naming what was skipped and why); a CheckpointError saying how to start fresh when none
+    does. Collective under torchrun (rank 0 reads the files and tells the others)."""
+    root = Path(run_dir) / CKPT_DIR
+    chosen, problem = None, f"no complete checkpoint under {root}"
+    if dist.get_rank() == 0:
+        latest = latest_checkpoint(run_dir)
+        candidates = [] if latest is None else [latest]
+        candidates += [p for p in reversed(_complete_checkpoints(root)) if p != latest]
+        for path in candidates:
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as exc:
+                print(f"warning: skipping checkpoint {path}: {exc}", file=sys.stderr)
+                problem = f"no loadable checkpoint under {root} (newest: {exc})"
+                continue
+            if path != candidates[0]:
+                print(f"warning: resuming from the earlier checkpoint {path}", file=sys.stderr)
+            chosen = str(path)
+            break
+    chosen, problem = dist.all_gather_objects((chosen, problem))[0]
+    if chosen is None:
+        raise CheckpointError(f"--resume: {problem}; check the run directory, or drop --resume "
+                              "(with --overwrite) to start a fresh run")
+    return Path(chosen)
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module,
@@ -304,15 +341,9 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module,
     """
     ckpt = Path(path)
     has_adapter = (ckpt / "adapter").is_dir()
-    required = [*_REQUIRED, TRAINER_STATE, "adapter" if has_adapter else "model"]
-    missing = [f for f in required if not (ckpt / f).exists()]
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing {missing}; resume from "
-                              "an earlier checkpoint or start fresh")
-    state = json.loads((ckpt / TRAINER_STATE).read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt / TRAINER_STATE}: key 'format_version' is "
-                              f"{state.get('format_version')!r}, this minicd reads {FORMAT_VERSION}")
+    if dist.get_rank() == 0:  # a bad file is named here, before any tensor is touched
+        verify_checkpoint(ckpt)
+    state = read_json(ckpt / TRAINER_STATE)
     _load_weights(ckpt, model, has_adapter)
     if optimizer is not None:
         _load_optimizer(ckpt, model, optimizer)
@@ -321,7 +352,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module,
     rank, world = dist.get_rank(), dist.get_world_size()
     rng = None
     if len(state["rng"]) == world:
-        tensors = load_file(str(ckpt / "rng.safetensors"))
+        tensors = read_safetensors(ckpt / "rng.safetensors")
         meta = state["rng"][rank]
         rng = RngState(python=meta["python"], torch_cpu=tensors[f"rank{rank}.torch_cpu"],
                        cuda=[tensors[f"rank{rank}.cuda{i}"] for i in range(meta["cuda_devices"])],
@@ -351,7 +382,7 @@ def _read_weights(ckpt: Path, model: nn.Module, has_adapter: bool) -> dict[str, 
     if has_adapter:
         from minicd.model.lora import PEFT_PREFIX, WEIGHTS_NAME
 
-        raw = load_file(str(ckpt / "adapter" / WEIGHTS_NAME))
+        raw = read_safetensors(ckpt / "adapter" / WEIGHTS_NAME)
         names = {_clean_name(n) for n, _ in model.named_parameters()}
         sd = {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}
         unknown = sorted(set(sd) - names)
@@ -361,7 +392,7 @@ def _read_weights(ckpt: Path, model: nn.Module, has_adapter: bool) -> dict[str, 
         return sd
     sd = {}
     for f in sorted((ckpt / "model").glob("*.safetensors")):
-        sd.update(load_file(str(f)))
+        sd.update(read_safetensors(f))
     return sd
 
 
@@ -448,10 +479,13 @@ class SigtermFlag:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
+    last_signum: int | None = None  # the latest signal any flag caught (see stop_signal)
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.triggered and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.triggered, self.signum = True, signum
+        SigtermFlag.last_signum = signum
 
     def any_rank(self) -> bool:
         """True if any rank was signalled (collective: every rank must call it together)."""
@@ -469,3 +503,9 @@ class SigtermFlag:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+def stop_signal() -> int | None:
+    """The signal that last stopped a training loop in this process (None: none did). The CLI
+    exits with 128 + this number after the stop checkpoint is saved."""
+    return SigtermFlag.last_signum

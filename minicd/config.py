@@ -162,6 +162,8 @@ class GRPOConfig:
                                        #   ICD-shaped tokens) | package.module:function (response
                                        #   text, gold codes) -> float; each optionally
                                        #   +missed:<lambda> (PHI); see algo/reward.make_reward
+                                       #   A module:function is IMPORTED AND RUN (at load on a
+                                       #   dummy response, then on every rollout): trusted code only
     shared_prefix: bool = True         # compute each group's prompt once, not G times: the prompt
                                        #   and its samples packed in one row (same math)
 
@@ -232,7 +234,6 @@ class LogConfig:
     tensorboard: bool = False
     wandb_project: str | None = None
     log_every: int = 1
-    log_text: bool = False             # opt-in: never log note text unless set
 
     def validate(self) -> None:
         _at_least_one("log.log_every", self.log_every)

@@ -24,3 +24,8 @@ class DataError(MinicdError):
 
 class DistributedError(MinicdError):
     """The distributed environment is inconsistent (torchrun variables, backends)."""
+
+
+class OutputError(MinicdError):
+    """An output path cannot be written (read-only, under a file, disk full) or already holds a
+    run that would be mixed with the new one."""

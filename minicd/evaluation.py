@@ -250,7 +250,11 @@ def parse_run_spec(spec: str, default_backbone: str = "") -> RunSpec:
 
 def score_run_file(spec: RunSpec, gold: GoldSet, **kwargs) -> dict[str, Any]:
     """Read ``spec.path`` and score it on ``gold``; the result names the run."""
-    result = score_predictions(read_predictions(spec.path), gold, source=str(spec.path), **kwargs)
+    rows = read_predictions(spec.path)
+    if not rows:
+        raise DataError(f"{spec.path}: no predictions (the file is empty); write it with "
+                        "rollout.py, or check the --run path")
+    result = score_predictions(rows, gold, source=str(spec.path), **kwargs)
     return {"method": spec.method, "backbone": spec.backbone, "setting": gold.setting,
             "predictions": str(spec.path), **result}
 

@@ -116,3 +116,30 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             if line:
                 rows.append(json.loads(line))
     return rows
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Drop the lines of a metrics JSONL file logged after ``step`` (a resumed run logs those
+    steps again) and a torn last line; rewritten atomically. Returns the number of lines dropped."""
+    from minicd.fileio import atomic_file
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            dropped += 1
+            continue
+        keep.append(line + "\n")
+    if dropped:
+        with atomic_file(path) as f:
+            f.writelines(keep)
+    return dropped

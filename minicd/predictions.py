@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
-from minicd.data.records import atomic_write, iter_jsonl
+from minicd.data.records import iter_jsonl
+from minicd.fileio import atomic_file
 from minicd.errors import DataError
 from minicd.parse import ParsedCodes
 
-__all__ = ["PREDICTION_KEYS", "prediction_row", "read_predictions", "validate_prediction",
-           "write_predictions"]
+__all__ = ["PREDICTION_KEYS", "drop_torn_tail", "prediction_row", "read_predictions",
+           "validate_prediction", "write_predictions"]
 
 PREDICTION_KEYS = ("id", "response", "codes", "has_span", "malformed", "off_label",
                    "sample_index")
@@ -97,8 +99,9 @@ def write_predictions(rows: Iterable[dict], path: str | os.PathLike, *,
     """Write predictions rows as JSONL; returns the number written.
 
     ``append=False`` writes the whole file atomically (temporary file + rename);
-    ``append=True`` appends line by line (flushed per line), so a rollout can stream results
-    and an interrupted run keeps every complete line. Rows are validated first."""
+    ``append=True`` appends all ``rows`` in one write (flushed), so a rollout can stream results
+    record by record and an interrupted run keeps every complete record. Rows are validated
+    first."""
     path = Path(path)
     texts = []  # validate every row before touching the file
     for i, row in enumerate(rows):
@@ -108,17 +111,31 @@ def write_predictions(rows: Iterable[dict], path: str | os.PathLike, *,
         texts.append(json.dumps(ordered, ensure_ascii=False) + "\n")
 
     n = 0
-    if append:
+    if append:  # one write: a kill leaves all of these rows or a torn tail (see drop_torn_tail)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            for text in texts:
-                f.write(text)
-                f.flush()
-                n += 1
+            f.write("".join(texts))
+            f.flush()
+        n = len(texts)
     else:
-        with atomic_write(path) as f:
+        with atomic_file(path) as f:
             for text in texts:
                 f.write(text)
                 n += 1
     return n
 
+
+
+def drop_torn_tail(path: str | os.PathLike) -> bool:
+    """Cut a predictions file back to its last complete line (a kill or a full disk can leave
+    a torn last line); warn on stderr when something was dropped. Returns True if it was."""
+    path = Path(path)
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return False
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    print(f"warning: {path}: dropped a torn last line ({len(data) - keep} bytes, from an "
+          "interrupted run); its record is generated again", file=sys.stderr)
+    return True

@@ -50,7 +50,7 @@ def test_round_trip(tmp_path):
 
 def test_read_normalizes_and_dedupes_codes(tmp_path):
     path = tmp_path / "x.jsonl"
-    path.write_text(good_line(codes=[" i10. ", "E11.9", "I10"]) + "\n\n")
+    path.write_text(good_line(codes=[" i10. ", "E11.9", "I10"], code_system="icd10") + "\n\n")
     (r,) = read_records(path)
     assert r.codes == ("I10", "E11.9")
 

@@ -41,20 +41,20 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import os
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import IO, Callable, Iterator, Mapping, Sequence
 
 from minicd import codes as icd
-from minicd.data.records import (SPLITS, Record, atomic_write, sharegpt_dataset_info,
+from minicd.data.records import (SPLITS, Record, sharegpt_dataset_info,
                                  update_dataset_info, write_records, write_sharegpt)
 from minicd.data.splits import normalize_id, patient_split, read_split_file, write_split_file
 from minicd.errors import DataError
+from minicd.fileio import atomic_file
 from minicd.log import progress
 
 DEFAULT_SEED = 10          # Edin et al. seed their split scripts with 10
@@ -123,7 +123,8 @@ def iter_table(path: Path, columns: Sequence[str], optional: Sequence[str] = (),
         bar.refresh()
     try:
         binary = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
-        reader = csv.reader(io.TextIOWrapper(binary, encoding="utf-8", newline=""))
+        # strict: a file cut off inside a quoted note is an error, not a short last note
+        reader = csv.reader(_utf8_lines(binary, path), strict=True)
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path} is empty; expected a CSV header with {', '.join(columns)}")
@@ -146,13 +147,33 @@ def iter_table(path: Path, columns: Sequence[str], optional: Sequence[str] = (),
                 bar.update(raw.tell() - bar.n)
                 done = lineno
         bar.update(raw.tell() - bar.n)
-    except (csv.Error, UnicodeDecodeError, EOFError, OSError, gzip.BadGzipFile) as exc:
-        raise DataError(f"cannot read {path} (near line {lineno}): {exc}; re-download the "
+    except csv.Error as exc:
+        start = lineno + 1  # the broken row starts after the last good one
+        if "unexpected end of data" in str(exc):
+            raise DataError(f"{path}:{start}: the file ends inside a quoted field (the row that "
+                            f"starts on line {start} is cut off); re-download or re-extract the "
+                            "file") from None
+        raise DataError(f"{path}:{start}: malformed CSV ({exc}); re-download the file or check "
+                        "that it is an uncorrupted CSV") from None
+    except (EOFError, OSError, gzip.BadGzipFile) as exc:
+        raise DataError(f"cannot read {path} (after line {lineno}): {exc}; re-download the "
                         "file or check that it is an uncorrupted UTF-8 CSV") from exc
     finally:
         bar.close()
         raw.close()
         csv.field_size_limit(old_limit)
+
+
+def _utf8_lines(binary: IO[bytes], path: Path) -> Iterator[str]:
+    """Decode a binary stream line by line; bytes that are not UTF-8 raise DataError naming
+    ``path:line`` (the physical line, counted from 1 with the header)."""
+    for lineno, raw in enumerate(binary, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at "
+                            f"column {exc.start + 1}); MIMIC tables are UTF-8: re-download the "
+                            "file") from None
 
 
 def _seq(value: str | None) -> float:
@@ -388,6 +409,7 @@ def build_dataset(admissions: Sequence[Admission], out_dir: str | os.PathLike, n
     full = [Record(a.hadm_id, a.subject_id, mapping[a.hadm_id], a.note, tuple(a.codes),
                    code_system) for a in admissions if a.hadm_id in mapping]
     ds_dir = out_dir / name
+    _check_nonempty(name, full, len(admissions), stats)
     write_split_file({r.id: r.split for r in full}, ds_dir / "split.csv")
     variants = {"full": full}
     labels: list[str] = []
@@ -419,9 +441,21 @@ def build_dataset(admissions: Sequence[Admission], out_dir: str | os.PathLike, n
         "variants": summary_variants,
         "top_codes": labels,
     }
-    with atomic_write(ds_dir / "summary.json") as f:
+    with atomic_file(ds_dir / "summary.json") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_nonempty(name: str, full: Sequence[Record], kept: int, stats: Stats) -> None:
+    """Refuse (before anything is written) a dataset whose filtering left a split empty."""
+    sizes = {split: sum(r.split == split for r in full) for split in SPLITS}
+    if all(sizes.values()):
+        return
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(stats.counts.items()) if v) or "none"
+    split_sizes = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    raise DataError(f"{name}: filtering left an empty split ({split_sizes} records; "
+                    f"{kept} admissions kept after --min-count; dropped: {counts}); "
+                    "lower --min-count, check --split-file, or give more data")
 
 
 def _split_file_for(split_file, name: str):

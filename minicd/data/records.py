@@ -7,7 +7,7 @@ A dataset split is a JSONL file, one :class:`Record` per line::
 
 Readers validate every line and raise :class:`~minicd.errors.DataError` naming ``file:line``
 and the offending key, never the note text (it is protected health information). Writers are
-atomic (temporary file + rename), so an interrupted run never leaves a half-written split.
+atomic (``minicd.fileio.atomic_file``), so an interrupted run never leaves a half-written split.
 
 The ShareGPT export is the instruction-tuning format of LlamaFactory (``formatting: sharegpt``):
 a JSON list of ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}], "id": ...}``.
@@ -15,24 +15,26 @@ a JSON list of ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
 import os
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
-from minicd.codes import normalize
+from minicd.codes import in_taxonomy, is_valid, normalize
 from minicd.errors import DataError
+from minicd.fileio import atomic_file
 from minicd.parse import format_answer
 from minicd.prompts import coding_prompt
 
 SPLITS = ("train", "val", "test")
 CODE_SYSTEMS = ("icd9", "icd10")
 _KEYS = ("id", "subject_id", "split", "note", "codes", "code_system")
+_SYSTEM_NAMES = {"icd9": "ICD-9-CM", "icd10": "ICD-10-CM/PCS"}
+_EXAMPLES = {"icd9": "401.9, V58.61, 38.93", "icd10": "I10, E11.9, 0DTJ4ZZ"}
 
 
 @dataclass(frozen=True)
@@ -73,20 +75,7 @@ def open_text(path: str | os.PathLike) -> IO[str]:
                         "permissions") from exc
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, newline: str | None = "\n") -> Iterator[IO[str]]:
-    """Write a text file atomically: to a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+atomic_write = atomic_file  # old name, kept for callers: the one helper is minicd.fileio's
 
 
 def _bad(path: Path, lineno: int, key: str | None, what: str) -> DataError:
@@ -123,37 +112,73 @@ def _parse_line(obj: object, path: Path, lineno: int) -> Record:
             raise _bad(path, lineno, "codes", f"element {i} must be a non-empty string, got "
                        f"{code!r}")
         code = normalize(code)
+        if not is_valid(code, obj["code_system"]):
+            raise _bad(path, lineno, "codes", f"element {i} {code!r} is not a well-formed "
+                       f"{_SYSTEM_NAMES[obj['code_system']]} code (dotted, e.g. "
+                       f"{_EXAMPLES[obj['code_system']]})")
         if code not in out:
             out.append(code)
     return Record(id=obj["id"], subject_id=obj["subject_id"], split=obj["split"],
                   note=obj["note"], codes=tuple(out), code_system=obj["code_system"])
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[Record]:
+def iter_records(path: str | os.PathLike, *, report_unknown: bool = True) -> Iterator[Record]:
     """Stream the records of a JSONL file (``.jsonl`` or ``.jsonl.gz``), validating each line.
 
-    Blank lines are ignored. Any invalid line raises DataError naming ``file:line`` and the key.
+    Blank lines are ignored. Any invalid line (bad UTF-8 or JSON, a missing or mistyped key, a
+    gold code that is not a well-formed code of the record's ``code_system``, an id already seen
+    on an earlier line) raises DataError naming ``file:line`` and the key. Well-formed codes
+    missing from the packaged description tables (MIMIC has some) are kept; with
+    ``report_unknown`` their count is printed once to stderr when the file has been read.
     """
     path = Path(path)
     fix = "fix or remove this line, or re-create the file with `python -m minicd.data prepare`"
+    seen: dict[str, int] = {}
+    unknown: set[str] = set()
     for lineno, obj in iter_jsonl(path, fix):
-        yield _parse_line(obj, path, lineno)
+        rec = _parse_line(obj, path, lineno)
+        if rec.id in seen:
+            raise _bad(path, lineno, "id", f"id {rec.id!r} already appeared on line "
+                       f"{seen[rec.id]} (record ids must be unique)")
+        seen[rec.id] = lineno
+        if report_unknown:
+            unknown.update(c for c in rec.codes if not in_taxonomy(c, rec.code_system))
+        yield rec
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5])
+        print(f"note: {path}: {len(unknown)} well-formed code(s) not in the packaged ICD "
+              f"description tables (e.g. {shown}); kept, but hints cannot describe them",
+              file=sys.stderr)
 
 
 def iter_jsonl(path: str | os.PathLike,
                fix: str = "fix or remove this line") -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON value) for each non-blank line of a ``.jsonl``/``.jsonl.gz`` file;
-    malformed JSON raises DataError naming ``file:line`` and ``fix``."""
+    bytes that are not UTF-8 and malformed JSON raise DataError naming ``file:line`` and ``fix``."""
     path = Path(path)
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
-                                f"{exc.colno}); {fix}") from None
+    try:
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}; check the path and its "
+                        "permissions") from exc
+    with f:
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte "
+                                    f"0x{raw[exc.start]:02x} at column {exc.start + 1}); save the "
+                                    f"file as UTF-8, or {fix}") from None
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
+                                    f"{exc.colno}); {fix}") from None
+        except (OSError, EOFError) as exc:  # e.g. a truncated .gz
+            raise DataError(f"cannot read {path}: {exc}; re-create or re-download it") from None
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
@@ -167,7 +192,7 @@ def write_records(records: Iterable[Record], path: str | os.PathLike) -> int:
     Key order is fixed and non-ASCII text is kept as is, so equal inputs give byte-identical files.
     """
     n = 0
-    with atomic_write(path) as f:
+    with atomic_file(path) as f:
         for rec in records:
             f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
             n += 1
@@ -202,7 +227,7 @@ def write_sharegpt(records: Iterable[Record], path: str | os.PathLike,
     JSON next to the data file or use :func:`update_dataset_info`.
     """
     path = Path(path)
-    with atomic_write(path) as f:
+    with atomic_file(path) as f:
         f.write("[")
         for i, rec in enumerate(records):
             f.write(("," if i else "") + "\n" + json.dumps(to_sharegpt(rec), ensure_ascii=False))
@@ -222,5 +247,5 @@ def update_dataset_info(path: str | os.PathLike, entries: dict) -> None:
         if not isinstance(info, dict):
             raise DataError(f"{path} is not a JSON object; delete it to regenerate")
     info.update(entries)
-    with atomic_write(path) as f:
+    with atomic_file(path) as f:
         f.write(json.dumps(dict(sorted(info.items())), indent=2, ensure_ascii=False) + "\n")

@@ -36,7 +36,8 @@ from typing import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from minicd.data.records import SPLITS, atomic_write, open_text
+from minicd.data.records import SPLITS, open_text
+from minicd.fileio import atomic_file
 from minicd.errors import DataError
 
 TEST_SIZE = 0.15
@@ -165,7 +166,7 @@ def patient_split(admissions: Iterable[tuple[str, str, Sequence[str]]], *, seed:
 
 def write_split_file(mapping: Mapping[str, str], path: str | os.PathLike) -> None:
     """Write ``{admission_id: split}`` as CSV (columns ``id,split``), atomically, in given order."""
-    with atomic_write(path, newline="") as f:
+    with atomic_file(path, newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["id", "split"])
         for adm, split in mapping.items():

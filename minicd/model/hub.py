@@ -11,14 +11,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from minicd.errors import CheckpointError, ConfigError
+from minicd.fileio import read_json, read_safetensors
 from minicd.model.qwen import QwenConfig, QwenForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -97,7 +97,8 @@ def load_state_dict(checkpoint_dir: str | os.PathLike,
     if (root / WEIGHTS_NAME).is_file():
         files = [root / WEIGHTS_NAME]
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        index_data = read_json(index)
+        weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: key 'weight_map' missing or not an object.")
         files = [root / f for f in dict.fromkeys(weight_map.values())]
@@ -110,7 +111,7 @@ def load_state_dict(checkpoint_dir: str | os.PathLike,
                               "checkpoints are read; convert pickled *.bin weights first.")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f), device=str(torch.device(device))))
+        state.update(read_safetensors(f, device=str(torch.device(device))))
     return state
 
 
@@ -196,8 +197,8 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike,
     Weights are cast to ``dtype`` (default: as they are) and sharded with an index json when
     larger than ``max_shard_bytes``; tied models store the embedding only. ``state_dict`` (full,
     plain tensors, e.g. gathered from FSDP) replaces ``model.state_dict()``. A new ``out_dir``
-    appears atomically (temp dir + rename); into an existing one each file is replaced by rename
-    (other files such as the tokenizer's are kept, stale weight shards removed).
+    is replaced atomically (``minicd.fileio.atomic_dir``); files of an existing one other than
+    weights (e.g. the tokenizer's) are carried over, stale weight shards dropped.
     """
     config = model.config
     state = model.state_dict() if state_dict is None else state_dict
@@ -222,9 +223,11 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike,
     files = _shard(tensors, max_shard_bytes)
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"save_model: {out} exists and is not a directory.")
+    from minicd.fileio import atomic_dir
+
+    with atomic_dir(out) as tmp:
         for fname, keys in files.items():
             save_file({k: tensors[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
         if len(files) > 1:
@@ -237,22 +240,13 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike,
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         hf = config.replace(torch_dtype=saved).to_hf_dict()
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        if not out.exists():
-            os.rename(tmp, out)
-            return out
-        if not out.is_dir():
-            raise CheckpointError(f"save_model: {out} exists and is not a directory.")
-        new = set(os.listdir(tmp))
-        for stale in out.iterdir():
-            if stale.name not in new and (stale.name in (WEIGHTS_NAME, INDEX_NAME) or
-                                          re.fullmatch(r"model-\d+-of-\d+\.safetensors",
-                                                       stale.name)):
-                stale.unlink()
-        for fname in sorted(new, key=lambda n: n == "config.json"):  # config.json last
-            os.replace(tmp / fname, out / fname)
-        return out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if out.is_dir():  # keep the other files (tokenizer ...), drop stale weight shards
+            for old in out.iterdir():
+                stale = old.name in (WEIGHTS_NAME, INDEX_NAME) or re.fullmatch(
+                    r"model-\d+-of-\d+\.safetensors", old.name)
+                if not stale and not (tmp / old.name).exists():
+                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
+    return out
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> dict[str, list[str]]:

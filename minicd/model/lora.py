@@ -21,8 +21,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -483,24 +481,13 @@ def save_adapter(
     }
     if not tensors:
         raise ValueError("no LoRA tensors to save: inject_lora first or pass the adapter state")
+    from minicd.fileio import atomic_dir
+
     out_dir = os.fspath(out_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(cfg.to_peft_dict(base_model_name_or_path), f, indent=2, sort_keys=True)
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -517,8 +504,7 @@ def load_adapter(
     features, target modules the model lacks, missing/unexpected tensors, shape mismatches. The
     tensors are checked before the model is touched.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from minicd.fileio import read_json, read_safetensors
 
     adapter_dir = os.fspath(adapter_dir)
     cfg_path, w_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
@@ -528,12 +514,11 @@ def load_adapter(
         if not os.path.isfile(path):
             hint = " (pickled adapter_model.bin is not read; re-save with safetensors)"
             raise CheckpointError(f"adapter file {path} is missing" + (hint if path == w_path else ""))
-    try:
-        with open(cfg_path) as f:
-            cfg = LoRAConfig.from_peft_dict(json.load(f), source=cfg_path)
-        loaded = load_file(w_path)
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read adapter {adapter_dir}: {e}") from None
+    cfg_dict = read_json(cfg_path, fix="re-save the adapter")
+    if not isinstance(cfg_dict, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object (a PEFT adapter_config.json)")
+    cfg = LoRAConfig.from_peft_dict(cfg_dict, source=cfg_path)
+    loaded = read_safetensors(w_path, fix="re-save the adapter")
 
     try:
         targets = _find_targets(model, cfg.target_modules)

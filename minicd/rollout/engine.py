@@ -36,7 +36,9 @@ class SamplingParams:
     filtering, keeping the smallest set of most likely tokens whose cumulative probability
     reaches ``top_p`` (1.0 keeps all). max_new_tokens: response budget (196 in the paper).
     stop_ids: token ids that end a response (e.g. ``Tokenizer.stop_ids``). seed: seeds the
-    engine's sampling generator (None: non-deterministic). return_logprobs: also return
+    engine's sampling generator (None: non-deterministic). seeds: one seed per prompt instead
+    (its samples then depend only on that seed and their index, not on the other prompts of
+    the call; ``rollout.py`` derives them from record ids). return_logprobs: also return
     per-token log-probs (see :class:`Generation`).
     """
 
@@ -47,9 +49,12 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     seed: int | None = None
     return_logprobs: bool = False
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ConfigError(f"SamplingParams.n must be a positive integer, got {self.n!r}")
         if not self.temperature >= 0.0:
@@ -65,6 +70,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def prompt_seeds(params: SamplingParams, n_prompts: int) -> list[int] | None:
+    """The seed of each prompt's samples: ``params.seeds[i]`` when given, else ``seed + i * n``
+    (None: unseeded). Engines seed prompt i's stream with it, so its samples do not depend on
+    the other prompts of a call (rank-sharded rollouts equal one process's)."""
+    if params.seeds is not None:
+        if len(params.seeds) != n_prompts:
+            raise ValueError(f"{len(params.seeds)} seeds for {n_prompts} prompts")
+        return list(params.seeds)
+    if params.seed is None:
+        return None
+    return [params.seed + i * params.n for i in range(n_prompts)]
 
 
 @dataclass

@@ -10,6 +10,8 @@ ranks produce what one process produces, and no rank waits while another decodes
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,7 +21,8 @@ from minicd import dist
 from minicd.baselines import BaselinePrompter, check_kind, needs_shots
 from minicd.config import Config
 from minicd.data.records import Record, read_records
-from minicd.errors import ConfigError, DataError
+from minicd.errors import ConfigError, DataError, OutputError
+from minicd.fileio import check_writable
 from minicd.log import progress
 from minicd.metrics import corpus_metrics
 from minicd.model.lora import LoRAConfig
@@ -100,7 +103,8 @@ def sharded_generate(engine, prompts: Sequence[Sequence[int]], params: SamplingP
 
     Chunks of ``chunk_size`` prompts are dealt to the ranks in rounds; chunk starting at global
     position ``j`` is generated with seed ``params.seed + j * n`` (the engine seeds its prompt i
-    ``+ i * n``), so prompt j's samples are those of one process generating all prompts. Inside a
+    ``+ i * n``), or with ``params.seeds[j]`` per prompt when given, so prompt j's samples are
+    those of one process generating all prompts. Inside a
     round the engine's ``lockstep`` keeps ranks with collective forwards together; each round
     ends with one gather. ``on_round(first, groups)`` sees each round's groups (global positions
     ``first ..``), e.g. to append them to a file; ``collect=False`` returns nothing (long splits).
@@ -112,12 +116,13 @@ def sharded_generate(engine, prompts: Sequence[Sequence[int]], params: SamplingP
         start = first + rank * chunk_size
         mine = prompts[start:start + chunk_size]
         seed = None if params.seed is None else params.seed + start * params.n
+        seeds = None if params.seeds is None else params.seeds[start:start + chunk_size]
+        chunk_params = dataclasses.replace(params, seed=seed, seeds=seeds)
         if world == 1:
-            groups = engine.generate(mine, dataclasses.replace(params, seed=seed))
+            groups = engine.generate(mine, chunk_params)
         else:
             with engine.lockstep():
-                groups = engine.generate(mine, dataclasses.replace(params, seed=seed)) \
-                    if mine else []
+                groups = engine.generate(mine, chunk_params) if mine else []
         parts = dist.all_gather_objects(groups) if world > 1 else [groups]
         merged = [[dataclasses.replace(g, prompt_index=first + k) for g in group]
                   for k, group in enumerate(x for part in parts for x in part)]
@@ -135,12 +140,19 @@ def rollout_records(engine, records: Sequence[Record], encode, out: Path,
 
     ``encode(records) -> prompt ids``. Rank-sharded (:func:`sharded_generate`); rank 0 appends
     each round's rows, so an interrupted run keeps its finished rounds, and a rerun skips records
-    whose id is already in ``out``. Every rank must call this. Returns (written, skipped)."""
-    from minicd.predictions import prediction_row, read_predictions, write_predictions
+    whose ``n`` samples are all in ``out`` (a torn last line and partial records are redone,
+    :func:`finished_ids`). ``params.seeds``, when given, holds one seed per record of
+    ``records``. Every rank must call this. Returns (written, skipped)."""
+    from minicd.predictions import prediction_row, write_predictions
 
     out = Path(out)
-    done = {row["id"] for row in read_predictions(out)} if out.is_file() else set()
+    done = finished_ids(out, params.n) if dist.get_rank() == 0 else set()
+    if dist.get_world_size() > 1:
+        done = dist.broadcast_object(done)
     todo = [r for r in records if r.id not in done]
+    if params.seeds is not None:  # one seed per record of ``records``: keep those still to do
+        by_id = dict(zip((r.id for r in records), params.seeds))
+        params = dataclasses.replace(params, seeds=tuple(by_id[r.id] for r in todo))
     bar = progress(total=len(todo), desc=f"rollout {out.stem}", unit="rec",
                    disable=None if show_progress and dist.get_rank() == 0 else True)
     written = 0
@@ -158,6 +170,35 @@ def rollout_records(engine, records: Sequence[Record], encode, out: Path,
     bar.close()
     dist.barrier()
     return written, len(records) - len(todo)
+
+
+def record_seed(seed: int, record_id: str) -> int:
+    """The sampling seed of one record in a sampled rollout: a hash of (``train.seed``, record
+    id), so a record's samples do not depend on which other records share its batch, or on
+    what a resumed run still had to do (31 bits: every engine accepts it)."""
+    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def finished_ids(out: Path, n: int) -> set[str]:
+    """Ids whose ``n`` samples are all in the predictions file ``out`` (resume). A torn last line
+    is cut off, and the rows of records with only some of their samples are removed (both with
+    a warning), so those records are generated again, whole."""
+    from minicd.predictions import drop_torn_tail, read_predictions, write_predictions
+
+    if not out.is_file():
+        return set()
+    drop_torn_tail(out)
+    rows = read_predictions(out)
+    samples: dict[str, set[int]] = {}
+    for row in rows:
+        samples.setdefault(row["id"], set()).add(row["sample_index"])
+    partial = {i for i, got in samples.items() if not set(range(n)) <= got}
+    if partial:
+        print(f"warning: {out}: {len(partial)} record(s) have fewer than --n {n} samples; "
+              "their rows are removed and generated again", file=sys.stderr)
+        write_predictions([r for r in rows if r["id"] not in partial], out)
+    return set(samples) - partial
 
 
 def score_predictions(out: Path, records: Sequence[Record]) -> dict:
@@ -182,8 +223,9 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
     ``n`` responses per record, at most ``rollout.max_new_tokens`` tokens each. Rows
     (``minicd.predictions.prediction_row``) are appended round by round (:func:`rollout_records`,
     rank-sharded under torchrun, ``chunk_size`` records per rank and round); records whose id is
-    already in ``out`` are skipped (resume). Sampled runs seed record k of those still to do with
-    ``train.seed + k * n``. ``prompt_kind``: None for the fixed coding instruction
+    already in ``out`` with all ``n`` samples are skipped (resume; a torn last line and partial
+    records are redone). Sampled runs seed each record with :func:`record_seed` (``train.seed``,
+    record id), so a resumed run writes exactly the rows of an uninterrupted one. ``prompt_kind``: None for the fixed coding instruction
     (SFT/GRPO/PHI), or an Appendix D baseline ("zero_shot", "few_shot", "zero_shot_cot",
     "few_shot_cot"; see ``minicd.baselines``: few-shot examples come from the train split).
     Returns ``{"written", "skipped", "n_records", "micro_f1", ...}``: corpus metrics of sample 0
@@ -193,20 +235,30 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
     from minicd.model.lora import load_adapter
 
     out = Path(out)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: must be >= 1 (or left out for the whole split)")
+    if n < 1:
+        raise ConfigError(f"--n {n}: must be >= 1 (samples per record)")
+    if temperature < 0:
+        raise ConfigError(f"--temperature {temperature}: must be >= 0 (0 = greedy)")
     if prompt_kind is not None:
         check_kind(prompt_kind)
+    # every input and the output are checked before the model loads
+    records = load_split(cfg, split, limit)
+    train = load_split(cfg, "train") if prompt_kind and needs_shots(prompt_kind) else None
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give a predictions .jsonl file path")
+    check_writable(out.parent, "predictions folder")
     info = dist.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
-    model = load_model(cfg.model.path, dtype=dtype, device=info.device)
     tok = load_tokenizer(cfg.model.path, template=cfg.model.template)
+    model = load_model(cfg.model.path, dtype=dtype, device=info.device)
     adapter = adapter if adapter is not None else cfg.lora.init_adapter
     lora_cfg = load_adapter(model, adapter) if adapter else None
     model.to(info.device).eval()
-    records = load_split(cfg, split, limit)
     if prompt_kind is None:
         encode = lambda recs: [prompt_ids(r, tok, cfg.data) for r in recs]  # noqa: E731
     else:
-        train = load_split(cfg, "train") if needs_shots(prompt_kind) else None
         encode = BaselinePrompter.from_config(prompt_kind, cfg.data, tok, train).prompt_ids
     engine = build_engine(cfg, model, tok, lora_cfg, device=info.device)
     try:
@@ -214,7 +266,9 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
             engine.sync_policy(model)  # vLLM: push the adapter; torch: reads the live module
         params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
-                                stop_ids=tok.stop_ids, seed=cfg.train.seed)
+                                stop_ids=tok.stop_ids,
+                                seeds=None if temperature == 0 else tuple(
+                                    record_seed(cfg.train.seed, r.id) for r in records))
         written, skipped = rollout_records(engine, records, encode, out, params,
                                            chunk_size=chunk_size, show_progress=show_progress)
     finally:

@@ -24,7 +24,7 @@ from torch import nn
 from minicd.errors import DataError
 from minicd.log import progress as progress_bar
 from minicd.model.qwen import KVCache
-from minicd.rollout.engine import Generation, SamplingParams
+from minicd.rollout.engine import Generation, SamplingParams, prompt_seeds
 from minicd.rollout.lockstep import Lockstep, is_sharded
 
 
@@ -120,19 +120,22 @@ class TorchEngine:
                  progress: bool = False) -> list[list[Generation]]:
         """``params.n`` responses for each of ``prompts`` (token ids), grouped per prompt.
 
-        Sampling with ``params.seed`` set: prompt ``i``'s samples come from one
-        ``torch.Generator`` seeded ``seed + i * n`` (each prompt is its own sub-call), so they do
+        Sampling with ``params.seed`` (or ``params.seeds``) set: prompt ``i``'s samples come from
+        one ``torch.Generator`` seeded :func:`prompt_seeds` ``[i]`` (each prompt is its own sub-call), so they do
         not depend on the other prompts of the call (the protocol's contract: rank-sharded
         rollouts equal one process's). Greedy results do not depend on batching. ``progress``
         shows a bar over batches.
         """
-        if params.seed is not None and not params.greedy and len(prompts) > 1:
-            return [[dataclasses.replace(g, prompt_index=i) for g in self.generate(
-                        [p], dataclasses.replace(params, seed=params.seed + i * params.n))[0]]
-                    for i, p in enumerate(prompts)]
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise DataError(f"generate: prompt {i} is empty; every prompt needs >= 1 token")
+        seeds = prompt_seeds(params, len(prompts))
+        if seeds is not None and not params.greedy and len(prompts) > 1:  # one call per prompt
+            return [[dataclasses.replace(g, prompt_index=i) for g in self.generate(
+                        [p], dataclasses.replace(params, seed=s, seeds=None))[0]]
+                    for i, (p, s) in enumerate(zip(prompts, seeds))]
+        if params.seeds is not None:  # one prompt
+            params = dataclasses.replace(params, seed=params.seeds[0], seeds=None)
         rows = [(i, s) for i in range(len(prompts)) for s in range(params.n)]  # prompt-major
         generator = None
         if not params.greedy:

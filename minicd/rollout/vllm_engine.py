@@ -52,7 +52,7 @@ from torch import nn
 from minicd import dist
 from minicd.errors import CheckpointError, ConfigError, DataError, DistributedError
 from minicd.model.lora import LoRAConfig, lora_modules, lora_state_dict, save_adapter
-from minicd.rollout.engine import Generation, SamplingParams
+from minicd.rollout.engine import Generation, SamplingParams, prompt_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,8 @@ class VLLMEngine:
 
         With ``params.seed`` set, prompt ``i`` is a request seeded ``seed + i * n`` and vLLM gives
         its sample ``s`` the seed ``seed + i * n + s``: every (prompt, sample) has its own
-        stream, so a call is reproducible independently of batching and scheduling.
+        stream, so a call is reproducible independently of batching and scheduling. With
+        ``params.seeds``, prompt ``i``'s request is seeded ``seeds[i]`` instead.
         """
         if self._sleeping:
             raise RuntimeError("VLLMEngine.generate called while sleeping; call wake_up first")
@@ -271,11 +272,12 @@ class VLLMEngine:
         # ids outside the model's vocabulary can never be generated; vLLM rejects them, drop them
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         stop_ids = [t for t in params.stop_ids if 0 <= t < vocab]
+        seeds = prompt_seeds(params, len(prompts))
         vparams = [VSamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p,
             max_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
             ignore_eos=True,  # stop only on params.stop_ids, like TorchEngine
-            seed=None if params.seed is None else params.seed + i * params.n,
+            seed=None if seeds is None else seeds[i],
             logprobs=0 if params.return_logprobs else None, detokenize=False,
         ) for i in range(len(prompts))]
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]

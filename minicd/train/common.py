@@ -23,7 +23,7 @@ from minicd.checkpoint import config_diff, load_checkpoint, restore_rng, resume_
 from minicd.config import Config, DataConfig
 from minicd.data.records import Record
 from minicd.errors import ConfigError
-from minicd.log import MetricsLogger
+from minicd.log import MetricsLogger, truncate_metrics
 from minicd.metrics import corpus_metrics
 from minicd.model.hub import (copy_tokenizer_files, load_model, load_tokenizer, resolve_checkpoint,
                               save_model)
@@ -100,13 +100,17 @@ def resume_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
                  scheduler=None, *, config_text: str, is_main: bool) -> tuple[int, dict]:
     """Restore the latest checkpoint of ``train.output_dir`` (weights, optimizer, scheduler, RNG).
 
-    Returns (step, the trainer state saved with it). Config keys that changed since the
-    checkpoint (other than ``train.resume``) are printed on the main rank.
+    Returns (step, the trainer state saved with it). ``metrics.jsonl`` lines past that step are
+    dropped (:func:`minicd.log.truncate_metrics`), so a resumed run logs each step once. Config
+    keys that changed since the checkpoint (other than ``train.resume``) are printed on the main
+    rank.
     """
     ckpt = resume_checkpoint(Path(cfg.train.output_dir))
     state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
     if state["rng"] is not None:
         restore_rng(state["rng"])
+    if is_main:  # each step once: lines the interrupted run logged after the checkpoint go
+        truncate_metrics(Path(cfg.train.output_dir) / "metrics.jsonl", state["step"])
     changed = [k for k in config_diff(state["config_text"], config_text) if k != "train.resume"]
     if changed and is_main:
         print(f"minicd: resuming {ckpt} with changed config keys: {', '.join(changed)}")

@@ -385,31 +385,31 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
         raise ConfigError(f"grpo.reward = {g.reward!r}: the '+missed' bonus needs --stage phi (a "
                           "record's pool of missed codes comes from PHI's previous predictions); "
                           "drop it for --stage grpo")
+    train_recs = (list(train_records) if train_records is not None  # data before the model
+                  else load_split(cfg, "train", cfg.data.train_limit))
+    val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     policy = build_policy(cfg, info)
     slot = engine if engine is not None else StageEngine()
     try:
         rollout_engine = slot.get(cfg, policy.model, policy.tokenizer, policy.lora_cfg,
                                   device=info.device)
-        return _grpo_loop(cfg, info, policy, rollout_engine, build_prompt, train_records,
-                          reward_context, on_end)
+        return _grpo_loop(cfg, info, policy, rollout_engine, build_prompt, train_recs,
+                          val_recs, reward_context, on_end)
     finally:
         if engine is None:
             slot.close()
 
 
 def _grpo_loop(cfg: Config, info: dist.DistInfo, policy: Policy, engine,
-               build_prompt: PromptBuilder | None, train_records: Sequence[Record] | None,
-               reward_context: Callable[[Record], RewardContext] | None,
+               build_prompt: PromptBuilder | None, train_recs: list[Record],
+               val_recs: list[Record], reward_context: Callable[[Record], RewardContext] | None,
                on_end: EndHook | None) -> dict:
-    """The step loop of :func:`run_grpo` with its policy and engine built."""
+    """The step loop of :func:`run_grpo` with its policy, engine and data ready."""
     t, g, ro = cfg.train, cfg.grpo, cfg.rollout
     reward_fn = make_reward(g.reward)
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
 
-    train_recs = (list(train_records) if train_records is not None
-                  else load_split(cfg, "train", cfg.data.train_limit))
-    val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
     if reward_context is None:
         shared_context = RewardContext(freq=code_frequencies(r.codes for r in train_recs))

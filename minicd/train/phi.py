@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -59,7 +58,8 @@ from minicd.algo.reward import RewardContext
 from minicd.checkpoint import latest_checkpoint
 from minicd.codes import DescriptionTable, truncate_description
 from minicd.config import Config, PHIConfig
-from minicd.data.records import Record, atomic_write
+from minicd.data.records import Record
+from minicd.fileio import atomic_dir, atomic_file
 from minicd.metrics import corpus_metrics
 from minicd.model.hub import copy_tokenizer_files, load_model, load_tokenizer, save_model
 from minicd.model.lora import load_adapter, merged_state_dict
@@ -182,12 +182,9 @@ def phi_base(cfg: Config, out: Path, info: dist.DistInfo, *,
         dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
         model = load_model(cfg.model.path, dtype=dtype)
         load_adapter(model, lc.init_adapter)
-        tmp = out / f".sft_model.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, state_dict=merged_state_dict(model))
-        copy_tokenizer_files(cfg.model.path, tmp)
-        shutil.rmtree(merged, ignore_errors=True)
-        os.replace(tmp, merged)
+        with atomic_dir(merged) as tmp:
+            save_model(model, tmp, state_dict=merged_state_dict(model))
+            copy_tokenizer_files(cfg.model.path, tmp)
         del model
     dist.barrier()
     return str(merged), None
@@ -214,9 +211,9 @@ def save_state(out: Path, state: dict) -> None:
     (one line per finished round, rewritten from the history), both atomically, rank 0 only."""
     if not dist.get_rank() == 0:
         return
-    with atomic_write(out / STATE_FILE) as f:
+    with atomic_file(out / STATE_FILE) as f:
         json.dump(state, f, indent=1)
-    with atomic_write(out / ROUNDS_FILE) as f:
+    with atomic_file(out / ROUNDS_FILE) as f:
         f.writelines(json.dumps(row) + "\n" for row in state["history"])
 
 
@@ -397,11 +394,8 @@ def export_final(out: Path, rounds: int, info: dist.DistInfo) -> None:
     """Copy the last trained round's adapter to ``out/adapter`` (rank 0; atomic rename)."""
     done = [k for k in range(rounds) if (out / f"round-{k}" / "adapter").is_dir()]
     if done and info.is_main:
-        tmp = out / f".adapter.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out / f"round-{done[-1]}" / "adapter", tmp)
-        shutil.rmtree(out / "adapter", ignore_errors=True)
-        os.replace(tmp, out / "adapter")
+        with atomic_dir(out / "adapter") as tmp:
+            shutil.copytree(out / f"round-{done[-1]}" / "adapter", tmp, dirs_exist_ok=True)
     dist.barrier()
 
 

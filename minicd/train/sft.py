@@ -63,12 +63,12 @@ def run_sft(cfg: Config) -> dict:
     t = cfg.train
     info = dist.init_distributed(t.device, timeout_s=t.dist_timeout_s)
     world = info.world_size
+    train_recs = load_split(cfg, "train", cfg.data.train_limit)  # bad data fails before the model
+    val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     policy = build_policy(cfg, info)
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
 
-    train_recs = load_split(cfg, "train", cfg.data.train_limit)
-    val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     examples = [encode_record(r, tok, cfg.data) for r in train_recs]
     lengths = [len(p) + len(c) for p, c in examples]
     val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
