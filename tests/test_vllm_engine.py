@@ -16,7 +16,7 @@ from minicd.algo.logprobs import model_token_logprobs
 from minicd.errors import CheckpointError, ConfigError, DataError
 from minicd.model.hub import load_model, save_model, build_model
 from minicd.model.lora import LoRAConfig, inject_lora, lora_modules, lora_parameters
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 from minicd.model.tokenizer import train_bpe_tokenizer
 from minicd.rollout.engine import RolloutEngine, SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
@@ -34,7 +34,7 @@ def ckpt(tmp_path_factory) -> tuple[Path, object]:
     """A tiny random Qwen3 (head_dim 64: vLLM's CPU attention rejects 16) + BPE tokenizer."""
     root = tmp_path_factory.mktemp("vllm") / "base"
     tok = train_bpe_tokenizer(TEXTS, 300, root)
-    cfg = QwenConfig(model_type="qwen3", vocab_size=tok.vocab_size, hidden_size=64,
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=tok.vocab_size, hidden_size=64,
                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=64, initializer_range=0.2)
     save_model(build_model(cfg, seed=0), root)
