@@ -52,13 +52,13 @@ WHITESPACE_DIGIT_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
     """(converted dir, transformers GGUF tokenizer, transformers GGUF model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = packaged_smollm2()
-    out = convert_gguf(gguf, tmp_path_factory.mktemp("gguf") / "smollm2")
+    out = smollm2_dir
     hf_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                     dtype=torch.float32).eval()
