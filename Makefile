@@ -123,7 +123,7 @@ SMOLLM2 ?= runs/smollm2
 
 smollm2: install $(SMOLLM2)/config.json
 
-$(SMOLLM2)/config.json:
+$(SMOLLM2)/config.json: | $(STAMP)
 	$(PY) -m minicd.model.gguf smollm2 $(SMOLLM2)
 
 # ---------------------------------------------------------------------------------------------
