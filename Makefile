@@ -133,8 +133,8 @@ $(SMOLLM2)/config.json: | $(STAMP)
 SDEMO        ?= runs/demo-smollm2
 SDEMO_N      ?= 1500
 SDEMO_SEED   ?= 0
-SDEMO_LIMIT  ?= 100
-SDEMO_SFT    ?= data.train_limit=320
+SDEMO_LIMIT  ?= 64
+SDEMO_SFT    ?= data.train_limit=200
 SDEMO_GRPO   ?= train.max_steps=12 train.eval_every=6
 SDEMO_PHI    ?= train.max_steps=6 data.train_limit=96 train.eval_every=6
 SDEMO_BASELINES ?= zero_shot few_shot zero_shot_cot few_shot_cot
