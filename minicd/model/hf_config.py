@@ -69,7 +69,8 @@ class DecoderConfig:
         # transformers' Qwen3 always has q_norm/k_norm and Qwen2 always biases q/k/v: other
         # combinations could not be saved in a form transformers and vLLM load faithfully.
         if self.qk_norm != qwen3:
-            raise ValueError(f"qk_norm={self.qk_norm} does not match model_type={self.model_type!r} "
+            raise ValueError(f"qk_norm={self.qk_norm} does not match "
+                             f"model_type={self.model_type!r} "
                              "(qwen3 has q/k norms, qwen2 and llama do not)")
         if self.model_type == "qwen2" and not self.attention_bias:
             raise ValueError("qwen2 always has q/k/v biases; attention_bias must be True")
@@ -151,7 +152,8 @@ def parse_hf_config(d: dict[str, Any], source: str = "config.json") -> DecoderCo
     else:
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
     if head_dim % 2:
-        raise _refuse(source, "head_dim", f"odd head_dim {head_dim}", "RoPE needs an even head_dim.")
+        raise _refuse(source, "head_dim", f"odd head_dim {head_dim}",
+                      "RoPE needs an even head_dim.")
     dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
     if dtype not in _DTYPE_NAMES:
         raise _refuse(source, "dtype", f"dtype {dtype!r}", f"Use one of {_DTYPE_NAMES}.")

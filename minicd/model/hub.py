@@ -168,7 +168,8 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
 def load_tokenizer(path_or_repo_id: str | os.PathLike, template: str | None = None):
     """The tokenizer of a checkpoint (local dir or hub repo id) with its chat template.
 
-    ``template`` ("qwen2.5", "qwen3", "smollm2", "chatml") overrides detection from tokenizer_config.json;
+    ``template`` ("qwen2.5", "qwen3", "smollm2", "chatml") overrides detection from
+    tokenizer_config.json;
     see :func:`minicd.model.tokenizer.load_tokenizer`.
     """
     from minicd.model.tokenizer import load_tokenizer as _load

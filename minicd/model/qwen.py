@@ -6,6 +6,9 @@ from minicd.model.decoder import (DecoderLM, DecoderModel, KVCache, RMSNorm,  # 
                                   attention_mask_for, rope_cos_sin)
 from minicd.model.hf_config import ARCHITECTURES, DecoderConfig  # noqa: F401
 
+__all__ = ["ARCHITECTURES", "DecoderConfig", "DecoderLM", "DecoderModel", "KVCache", "QwenConfig",
+           "QwenForCausalLM", "QwenModel", "RMSNorm", "attention_mask_for", "rope_cos_sin"]
+
 QwenConfig = DecoderConfig
 QwenForCausalLM = DecoderLM
 QwenModel = DecoderModel

@@ -278,7 +278,8 @@ def detect_template(tokenizer_config: Mapping[str, object] | None, model_type: s
     """Pick the chat template name for a checkpoint.
 
     From ``tokenizer_config["chat_template"]`` when present: Qwen2.5's default system sentence ->
-    ``"qwen2.5"``; SmolLM2's -> ``"smollm2"``; ChatML with ``enable_thinking`` -> ``"qwen3"``; a known plain ChatML template ->
+    ``"qwen2.5"``; SmolLM2's -> ``"smollm2"``; ChatML with ``enable_thinking`` -> ``"qwen3"``;
+    a known plain ChatML template ->
     ``"chatml"``; anything else is refused (pass the template explicitly). Without a chat template
     the model type decides: ``qwen3`` -> ``"qwen3"``, ``qwen2`` -> ``"qwen2.5"``.
     """
