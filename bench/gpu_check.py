@@ -50,7 +50,8 @@ import torch
 from minicd.algo.logprobs import model_token_logprobs
 from minicd.algo.sft import collate_sft, sft_loss
 from minicd.config import GRPOConfig
-from minicd.model.hub import QwenConfig, build_model, save_model
+from minicd.model.hf_config import DecoderConfig
+from minicd.model.hub import build_model, save_model
 from minicd.model.lora import LoRAConfig, inject_lora
 from minicd.rollout.engine import SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
@@ -92,8 +93,8 @@ TINY_PLAN = Plan(big=TINY, small=TINY, prompts=8, group=2, prompt_tokens=48,
                  repeats=1)
 
 
-def qwen3(shape: dict, max_len: int) -> QwenConfig:
-    return QwenConfig.from_hf_dict(dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
+def qwen3(shape: dict, max_len: int) -> DecoderConfig:
+    return DecoderConfig.from_hf_dict(dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
                                         rms_norm_eps=1e-6, rope_theta=1e6,
                                         max_position_embeddings=max_len, **shape),
                                    source="bench/gpu_check.py")
@@ -139,7 +140,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def nonembedding_params(cfg: QwenConfig) -> int:
+def nonembedding_params(cfg: DecoderConfig) -> int:
     """Parameters of the decoder blocks (embedding and LM head excluded)."""
     h, d = cfg.hidden_size, cfg.head_dim
     attn = h * d * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
@@ -147,7 +148,7 @@ def nonembedding_params(cfg: QwenConfig) -> int:
     return cfg.num_hidden_layers * (attn + mlp)
 
 
-def forward_flops(cfg: QwenConfig, seq_lens: list[int], scored_tokens: int) -> float:
+def forward_flops(cfg: DecoderConfig, seq_lens: list[int], scored_tokens: int) -> float:
     """FLOPs of one forward over sequences of ``seq_lens`` tokens (causal attention) with the LM
     head applied to ``scored_tokens`` positions."""
     dense = 2 * nonembedding_params(cfg) * sum(seq_lens)
@@ -162,7 +163,7 @@ def mfu(flops: float, seconds: float, device: torch.device) -> float | None:
     return None if peak is None else flops / seconds / peak
 
 
-def lora_policy(cfg: QwenConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def lora_policy(cfg: DecoderConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Random base weights, LoRA r 8 on the attention and MLP projections, checkpointing on."""
     model = build_model(cfg, seed=0, dtype=dtype, device=device)
     inject_lora(model, LoRAConfig(r=8, alpha=16.0), generator=torch.Generator().manual_seed(0))

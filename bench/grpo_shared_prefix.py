@@ -23,7 +23,7 @@ import torch
 from minicd.config import GRPOConfig
 from minicd.model.hub import build_model
 from minicd.model.lora import LoRAConfig, inject_lora
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 from minicd.train.grpo import RolloutBatch, grpo_update
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
 
-    cfg = QwenConfig(model_type="qwen3", vocab_size=a.vocab, hidden_size=a.hidden,
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=a.vocab, hidden_size=a.hidden,
                      intermediate_size=3 * a.hidden, num_hidden_layers=a.layers,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=a.hidden // 4,
                      max_position_embeddings=4 * (a.prompt_tokens + a.response_tokens))

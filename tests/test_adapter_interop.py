@@ -4,7 +4,8 @@ and all three decode the same greedy tokens as minicd's ``TorchEngine`` with ``l
 
 The tiny model here has head_dim 64 (vLLM's CPU attention rejects 16) and a wide initialisation
 (peaked logits: greedy argmax ties, which would make token-for-token comparisons fragile, are
-unlikely). A few SFT steps at a high learning rate make the adapter clearly nonzero.
+unlikely). A few SFT steps at a high learning rate make the adapter clearly nonzero. The same
+checks run on SmolLM2-135M-Instruct (the demo's backbone, converted from its GGUF file).
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from train_fixtures import build_assets
 N_NEW = 16
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 3-step LoRA SFT run on a head_dim-64 tiny Qwen3; returns its paths, tokenizer, prompts."""
+@pytest.fixture(scope="module", params=["tiny-qwen3", "smollm2"])
+def run(request, tmp_path_factory):
+    """A 3-step LoRA SFT run on a head_dim-64 tiny Qwen3, or on SmolLM2-135M-Instruct (llama,
+    tied embeddings, converted from GGUF); returns its paths, tokenizer, prompts."""
     root = tmp_path_factory.mktemp("interop")
     built = build_assets(root, hidden_size=128, intermediate_size=256, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=64, initializer_range=0.2)
+    lr = 5e-2
+    if request.param == "smollm2":  # the real backbone; a LoRA-sized learning rate
+        built["model_dir"], lr = request.getfixturevalue("smollm2_dir"), 2e-3
     config = root / "sft.toml"
     config.write_text(f"""
 [model]
@@ -53,7 +58,7 @@ save_every = 100
 output_dir = {json.dumps(str(root / "out"))}
 max_steps = 3
 [sft]
-lr = 5e-2
+lr = {lr}
 warmup_ratio = 0.0
 """)
     cfg = load_config(config)
@@ -123,7 +128,7 @@ def test_vllm_greedy_equals_minicd(run, minicd_greedy):
 
     model, lora_cfg, ours = minicd_greedy
     tok = run["tok"]
-    engine = VLLMEngine(run["model_dir"], tok, lora=lora_cfg, dtype="float32", max_model_len=512,
+    engine = VLLMEngine(run["model_dir"], tok, lora=lora_cfg, dtype="float32", max_model_len=1024,
                         seed=0)
     try:
         # vLLM's own loader on the saved directory

@@ -24,7 +24,7 @@ from minicd.checkpoint import (SigtermFlag, capture_rng, config_diff, export_mer
                                save_checkpoint)
 from minicd.model.hub import build_model
 from minicd.model.lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -34,8 +34,8 @@ DATA = torch.randint(0, VOCAB, (N_DATA, SEQ), generator=torch.Generator().manual
 CONFIG_TEXT = '[sft]\nlr = 0.01\nepochs = 1\n\n[lora]\nr = 4\n'
 
 
-def tiny_config() -> QwenConfig:
-    return QwenConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+def tiny_config() -> DecoderConfig:
+    return DecoderConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                       rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64, qk_norm=True,
                       tie_word_embeddings=True)

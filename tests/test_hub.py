@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 from minicd import CheckpointError
 from minicd.model.hub import (build_model, load_config, load_model, resolve_checkpoint,
                               save_model)
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 
 ATOL = 1e-5
 IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -23,6 +23,8 @@ IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
 def hf_checkpoint(path: Path, kind: str, tied: bool, seed: int = 0, **save_kw) -> torch.nn.Module:
     """Save a tiny random HF model (norms and biases moved off init) to ``path``."""
     extra = {"head_dim": 24} if kind == "qwen3" else {}
+    if kind == "llama":  # tied: MHA; untied: GQA with an explicit head_dim
+        extra = {"num_key_value_heads": 4} if tied else {"head_dim": 24}
     model = perturbed_hf_model(kind, tied, seed, eos_token_id=7, **extra)
     model.save_pretrained(path, **save_kw)
     return model
@@ -38,7 +40,8 @@ def our_logits(model: torch.nn.Module) -> torch.Tensor:
         return model(IDS)
 
 
-@pytest.mark.parametrize("kind,tied,shard", [("qwen2", True, None), ("qwen3", False, "40KB")])
+@pytest.mark.parametrize("kind,tied,shard", [("qwen2", True, None), ("qwen3", False, "40KB"),
+                                             ("llama", True, None), ("llama", False, "40KB")])
 def test_load_hf_checkpoint(tmp_path, kind, tied, shard):
     kw = {"max_shard_size": shard} if shard else {}
     hf = hf_checkpoint(tmp_path, kind, tied, **kw)
@@ -52,7 +55,8 @@ def test_load_hf_checkpoint(tmp_path, kind, tied, shard):
     assert (our_logits(ours) - hf_logits(hf)).abs().max() <= ATOL
 
 
-@pytest.mark.parametrize("kind,tied", [("qwen2", True), ("qwen3", False)])
+@pytest.mark.parametrize("kind,tied", [("qwen2", True), ("qwen3", False), ("llama", True),
+                                       ("llama", False)])
 def test_saved_model_loads_in_transformers(tmp_path, kind, tied):
     hf_checkpoint(tmp_path / "src", kind, tied)
     ours = load_model(tmp_path / "src")
@@ -70,7 +74,7 @@ def test_saved_model_loads_in_transformers(tmp_path, kind, tied):
 
 
 def test_sharded_save_round_trip(tmp_path):
-    cfg = QwenConfig.from_hf_dict(Qwen3Config(**TINY, head_dim=24).to_dict())
+    cfg = DecoderConfig.from_hf_dict(Qwen3Config(**TINY, head_dim=24).to_dict())
     model = build_model(cfg, seed=3)
     out = save_model(model, tmp_path / "ckpt", max_shard_bytes=40_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -128,8 +132,15 @@ REFUSALS = {
     "moe_type": ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]},
                  "model_type"),
     "moe_keys": ({"num_experts": 8, "num_experts_per_tok": 2}, "num_experts"),
-    "architecture": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+    "architecture": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
                      "architectures"),
+    "architecture_mismatch": ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
+    "llama3_rope": ({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}},
+                    "rope_scaling"),
+    "mlp_bias_not_llama": ({"mlp_bias": True}, "mlp_bias"),
     "model_type": ({"architectures": None, "model_type": "mistral"}, "model_type"),
 }
 
@@ -183,7 +194,7 @@ def test_dtype_options(tmp_path):
 
 
 def test_save_into_existing_dir_replaces_weights_only(tmp_path):
-    cfg = QwenConfig.from_hf_dict(Qwen2Config(**TINY).to_dict())
+    cfg = DecoderConfig.from_hf_dict(Qwen2Config(**TINY).to_dict())
     out = tmp_path / "run"
     save_model(build_model(cfg, seed=0), out, max_shard_bytes=40_000)
     (out / "tokenizer.json").write_text("{}")
@@ -197,7 +208,7 @@ def test_save_into_existing_dir_replaces_weights_only(tmp_path):
 
 
 def test_build_model_is_seeded():
-    cfg = QwenConfig.from_hf_dict(Qwen3Config(**TINY, tie_word_embeddings=True).to_dict())
+    cfg = DecoderConfig.from_hf_dict(Qwen3Config(**TINY, tie_word_embeddings=True).to_dict())
     a, b, c = build_model(cfg, seed=0), build_model(cfg, seed=0), build_model(cfg, seed=1)
     assert a.lm_head.weight is a.model.embed_tokens.weight
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
@@ -248,7 +259,7 @@ def test_hub_load_tokenizer_resolves_local_dirs(tmp_path):
 def test_config_defaults_follow_model_type_and_save_faithfully(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = QwenConfig(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=128,
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=128,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     assert cfg.qk_norm is True and cfg.attention_bias is False
     q2 = cfg.replace(model_type="qwen2", qk_norm=None, attention_bias=None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minicd.algo.logprobs import model_token_logprobs, token_logprobs_from_hidden
-from minicd.model.qwen import QwenConfig, QwenForCausalLM
+from minicd.model.decoder import DecoderConfig, DecoderLM
 
 B, T, H, V = 2, 6, 16, 50
 ATOL = 1e-5
@@ -120,11 +120,11 @@ def test_no_grad_and_bad_arguments():
         token_logprobs_from_hidden(hidden, weight, targets, temperature=0.0)
 
 
-def tiny_model() -> QwenForCausalLM:
-    cfg = QwenConfig(model_type="qwen3", vocab_size=V, hidden_size=H, intermediate_size=32,
+def tiny_model() -> DecoderLM:
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=V, hidden_size=H, intermediate_size=32,
                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                      head_dim=8, qk_norm=True)
-    model = QwenForCausalLM(cfg)
+    model = DecoderLM(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():  # an untrained-looking model has near-uniform outputs; sharpen them
         model.lm_head.weight.mul_(50.0)

@@ -20,9 +20,11 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def _hf_classes(kind: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
-    return (Qwen3Config, Qwen3ForCausalLM) if kind == "qwen3" else (Qwen2Config, Qwen2ForCausalLM)
+    return {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "llama": (LlamaConfig, LlamaForCausalLM)}[kind]
 
 
 def _hf_config(kind: str, hidden: int = HIDDEN):
@@ -36,7 +38,7 @@ def _hf_config(kind: str, hidden: int = HIDDEN):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=(kind == "qwen2"),  # cover tied and untied heads
+        tie_word_embeddings=(kind != "qwen3"),  # cover tied and untied heads
         **extra,
     )
 
@@ -53,7 +55,7 @@ def _hf_model(kind: str, seed: int = 0, hidden: int = HIDDEN) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen2"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen2", "llama"])
 def ckpt(request, tmp_path_factory):
     """(kind, dir) of a tiny random checkpoint saved by transformers."""
     path = tmp_path_factory.mktemp(f"base_{request.param}")
@@ -121,10 +123,11 @@ def _peft_adapter(kind: str, path: str, out: str, **lora_kwargs) -> torch.Tensor
 # ----------------------------------------------------------------------------- PEFT interop
 
 
-# Qwen3: the paper's defaults; Qwen2: rank-stabilised scaling alpha / sqrt(r) on a subset.
+# Qwen3, Llama: the paper's defaults; Qwen2: rank-stabilised scaling alpha / sqrt(r) on a subset.
 SAVE_CFGS = {
     "qwen3": L.LoRAConfig(),
     "qwen2": L.LoRAConfig(r=4, alpha=12, use_rslora=True, target_modules=("q_proj", "down_proj")),
+    "llama": L.LoRAConfig(r=8, alpha=16),
 }
 
 
@@ -421,7 +424,7 @@ def test_injection_errors(ckpt):
     with pytest.raises(ConfigError, match="already"):
         L.inject_lora(model, L.LoRAConfig(target_modules=("q_proj",)))
     head_only = L.LoRAConfig(target_modules=("lm_head",))
-    if kind == "qwen2":  # tied embeddings: LoRA on the shared head weight is refused
+    if kind != "qwen3":  # tied embeddings: LoRA on the shared head weight is refused
         with pytest.raises(ConfigError, match="tied"):
             L.inject_lora(_minicd(path), head_only)
     else:

@@ -8,7 +8,8 @@ import dataclasses
 
 import minicd.rollout.inference as inference
 from minicd.data.records import Record
-from minicd.model.hub import QwenConfig, build_model
+from minicd.model.hf_config import DecoderConfig
+from minicd.model.hub import build_model
 from minicd.predictions import read_predictions
 from minicd.rollout.engine import Generation, RolloutEngine, SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
@@ -18,7 +19,7 @@ CODE_OF_LENGTH = {3: "401.9", 6: "428.0", 1: "584.9", 4: "250.00", 2: "038.9"}
 
 
 def tiny_model():
-    cfg = QwenConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=8, max_position_embeddings=128)
     return build_model(cfg, seed=0)

@@ -9,9 +9,9 @@ from scipy.stats import chisquare
 
 from minicd.algo.logprobs import model_token_logprobs
 from minicd.errors import ConfigError, DataError
+from minicd.model.decoder import DecoderConfig, DecoderLM
 from minicd.model.hub import build_model, save_model
 from minicd.model.lora import LoRAConfig, inject_lora, lora_modules
-from minicd.model.qwen import QwenConfig, QwenForCausalLM
 from minicd.model.tokenizer import train_bpe_tokenizer
 from minicd.rollout.engine import Generation, RolloutEngine, SamplingParams
 from minicd.rollout.torch_engine import TorchEngine, top_p_filter
@@ -20,10 +20,10 @@ VOCAB = 128
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [3, 40, 77, 1]]
 
 
-def tiny_model(vocab: int = VOCAB, seed: int = 0) -> QwenForCausalLM:
+def tiny_model(vocab: int = VOCAB, seed: int = 0) -> DecoderLM:
     """Tiny random Qwen3; initializer_range 0.2 makes next-token distributions peaked enough
     that greedy margins are large and temperature visibly changes them."""
-    cfg = QwenConfig(model_type="qwen3", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=vocab, hidden_size=64, intermediate_size=128,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=16, qk_norm=True, initializer_range=0.2, rope_theta=10000.0)
     return build_model(cfg, seed=seed)

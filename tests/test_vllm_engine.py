@@ -16,7 +16,7 @@ from minicd.algo.logprobs import model_token_logprobs
 from minicd.errors import CheckpointError, ConfigError, DataError
 from minicd.model.hub import load_model, save_model, build_model
 from minicd.model.lora import LoRAConfig, inject_lora, lora_modules, lora_parameters
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 from minicd.model.tokenizer import train_bpe_tokenizer
 from minicd.rollout.engine import RolloutEngine, SamplingParams
 from minicd.rollout.torch_engine import TorchEngine
@@ -34,7 +34,7 @@ def ckpt(tmp_path_factory) -> tuple[Path, object]:
     """A tiny random Qwen3 (head_dim 64: vLLM's CPU attention rejects 16) + BPE tokenizer."""
     root = tmp_path_factory.mktemp("vllm") / "base"
     tok = train_bpe_tokenizer(TEXTS, 300, root)
-    cfg = QwenConfig(model_type="qwen3", vocab_size=tok.vocab_size, hidden_size=64,
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=tok.vocab_size, hidden_size=64,
                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=64, initializer_range=0.2)
     save_model(build_model(cfg, seed=0), root)
@@ -216,3 +216,35 @@ def test_full_weight_sync(ckpt, prompts):
         assert engine.generate(prompts[:1], greedy())[0][0].token_ids == synced[0]
     finally:
         engine.close()
+
+
+def test_seeded_sampling_with_prompts_over_the_token_budget(ckpt):
+    """8 prompts x 200 tokens against a 256-token step budget: vLLM's default CPU scheduling
+    would prefill them in chunks and crash seeded sampling ("CPU Generator does not use
+    offset"); the engine disables chunked prefill on CPU. Each request's samples depend on its
+    own seed only: the batch equals each prompt generated alone."""
+    root, tok = ckpt
+    long_prompts = [tok.encode(" ".join(TEXTS[8 * i: 8 * i + 12]))[:200] for i in range(8)]
+    assert all(len(p) == 200 for p in long_prompts)
+    engine = VLLMEngine(root, tok, lora=None, max_model_len=256, seed=0,
+                        max_num_batched_tokens=256)
+    try:
+        sched = engine.llm.llm_engine.vllm_config.scheduler_config
+        assert not sched.enable_chunked_prefill and sched.max_num_batched_tokens == 256
+        params = SamplingParams(temperature=1.0, max_new_tokens=12, n=4, seed=11)
+        batch = engine.generate(long_prompts, params)
+        for i in (0, 5, 7):
+            alone = engine.generate([long_prompts[i]], SamplingParams(
+                temperature=1.0, max_new_tokens=12, n=4, seed=11 + i * 4))[0]
+            assert [g.token_ids for g in alone] == [g.token_ids for g in batch[i]]
+        assert len({tuple(g.token_ids) for g in batch[0]}) > 1  # real sampling, not greedy
+    finally:
+        engine.close()
+
+
+def test_cpu_chunked_prefill_settings_are_refused(ckpt):
+    root, tok = ckpt
+    with pytest.raises(ConfigError, match="enable_chunked_prefill=True"):
+        VLLMEngine(root, tok, enable_chunked_prefill=True)
+    with pytest.raises(ConfigError, match="max_num_batched_tokens=128 is below max_model_len=256"):
+        VLLMEngine(root, tok, max_model_len=256, max_num_batched_tokens=128)

@@ -9,14 +9,14 @@ from minicd.data.mimic import prepare_mimic3
 from minicd.data.records import read_records
 from minicd.data.synthetic import SyntheticSpec, write_mimic3
 from minicd.model.hub import build_model, save_model
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 from minicd.model.tokenizer import train_bpe_tokenizer
 
 
 def build_assets(root: Path, **model_overrides) -> dict:
     """Write raw synthetic data, the prepared top-50 dataset and the tiny model under ``root``.
 
-    ``model_overrides``: QwenConfig fields replacing the tiny defaults (e.g. ``hidden_size=128,
+    ``model_overrides``: DecoderConfig fields replacing the tiny defaults (e.g. ``hidden_size=128,
     num_attention_heads=2, head_dim=64`` for vLLM, whose CPU attention needs head_dim >= 64).
     Returns ``{"root", "data_dir", "model_dir"}``."""
     write_mimic3(root / "raw", SyntheticSpec(n_admissions=300, min_words=80, max_words=180, max_codes=6))
@@ -28,7 +28,7 @@ def build_assets(root: Path, **model_overrides) -> dict:
     sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
     sizes.update(model_overrides)
-    cfg = QwenConfig(model_type="qwen3", vocab_size=tok.vocab_size, eos_token_id=tok.im_end_id,
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=tok.vocab_size, eos_token_id=tok.im_end_id,
                      pad_token_id=tok.pad_id, **sizes)
     save_model(build_model(cfg, seed=0), model_dir)
     return {"root": root, "data_dir": data_dir, "model_dir": model_dir}

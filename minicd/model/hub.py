@@ -1,4 +1,4 @@
-"""Find, load, save and build Qwen checkpoints (``config.json`` + safetensors, HF layout).
+"""Find, load, save and build Qwen2/Qwen3/Llama checkpoints (config.json + safetensors).
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed
 in ``model.safetensors.index.json``. Only safetensors are read (never pickles). What
@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from minicd.errors import CheckpointError, ConfigError
 from minicd.fileio import read_json, read_safetensors
-from minicd.model.qwen import QwenConfig, QwenForCausalLM
+from minicd.model.decoder import DecoderLM
+from minicd.model.hf_config import DecoderConfig
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -61,8 +62,8 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     return Path(got)
 
 
-def load_config(checkpoint_dir: str | os.PathLike) -> QwenConfig:
-    """Parse ``<dir>/config.json`` into a :class:`QwenConfig` (refusing unsupported models)."""
+def load_config(checkpoint_dir: str | os.PathLike) -> DecoderConfig:
+    """Parse ``<dir>/config.json`` into a :class:`DecoderConfig` (refusing unsupported models)."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing config.json in checkpoint dir. Point at a "
@@ -71,10 +72,10 @@ def load_config(checkpoint_dir: str | os.PathLike) -> QwenConfig:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}).") from exc
-    return QwenConfig.from_hf_dict(data, source=str(path))
+    return DecoderConfig.from_hf_dict(data, source=str(path))
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, config: QwenConfig,
+def resolve_dtype(dtype: torch.dtype | str | None, config: DecoderConfig,
                   device: torch.device | str = "cpu") -> torch.dtype:
     """None -> float32 on CPU, the checkpoint's dtype elsewhere; "auto" -> checkpoint's dtype."""
     if dtype is None:
@@ -116,8 +117,8 @@ def load_state_dict(checkpoint_dir: str | os.PathLike,
 
 
 def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu") -> QwenForCausalLM:
-    """Load a Qwen2/Qwen3 checkpoint (local dir or hub id) with strict key matching.
+               device: torch.device | str = "cpu") -> DecoderLM:
+    """Load a Qwen2/Qwen3/Llama checkpoint (local dir or hub id) with strict key matching.
 
     ``dtype``: see :func:`resolve_dtype` (default float32 on CPU, the checkpoint's dtype on
     accelerators). A tied checkpoint may or may not contain ``lm_head.weight``.
@@ -127,7 +128,7 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | No
     target = resolve_dtype(dtype, config, device)
     config = config.replace(torch_dtype=_dtype_name(target))
     with torch.device("meta"):
-        model = QwenForCausalLM(config)
+        model = DecoderLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = load_state_dict(root, device)
     if config.tie_word_embeddings:
@@ -142,7 +143,7 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | No
             f"{root}: weights do not match config.json ({config.model_type}, "
             f"{config.num_hidden_layers} layers): missing [{show(missing)}], unexpected "
             f"[{show(unexpected)}], wrong shape [{show(wrong)}]. Check the checkpoint is a dense "
-            "Qwen2/Qwen3 causal LM with merged (not LoRA) weights.")
+            "Qwen2/Qwen3/Llama causal LM with merged (not LoRA) weights.")
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
@@ -168,7 +169,8 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
 def load_tokenizer(path_or_repo_id: str | os.PathLike, template: str | None = None):
     """The tokenizer of a checkpoint (local dir or hub repo id) with its chat template.
 
-    ``template`` ("qwen2.5", "qwen3", "chatml") overrides detection from tokenizer_config.json;
+    ``template`` ("qwen2.5", "qwen3", "smollm2", "chatml") overrides detection from
+    tokenizer_config.json;
     see :func:`minicd.model.tokenizer.load_tokenizer`.
     """
     from minicd.model.tokenizer import load_tokenizer as _load
@@ -176,12 +178,12 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, template: str | None = No
     return _load(resolve_checkpoint(path_or_repo_id), template=template)
 
 
-def build_model(config: QwenConfig, seed: int = 0, dtype: torch.dtype | str = torch.float32,
-                device: torch.device | str = "cpu") -> QwenForCausalLM:
-    """A model with fresh weights (see ``QwenForCausalLM.init_weights``), deterministic in seed."""
+def build_model(config: DecoderConfig, seed: int = 0, dtype: torch.dtype | str = torch.float32,
+                device: torch.device | str = "cpu") -> DecoderLM:
+    """A model with fresh weights (see ``DecoderLM.init_weights``), deterministic in seed."""
     dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
-        model = QwenForCausalLM(config.replace(torch_dtype=_dtype_name(dtype)))
+        model = DecoderLM(config.replace(torch_dtype=_dtype_name(dtype)))
     model.to_empty(device=device)
     model.tie_weights()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -189,7 +191,7 @@ def build_model(config: QwenConfig, seed: int = 0, dtype: torch.dtype | str = to
     return model.to(dtype)
 
 
-def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike,
+def save_model(model: DecoderLM, out_dir: str | os.PathLike,
                dtype: torch.dtype | str | None = None, max_shard_bytes: int | None = None, *,
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``config.json``, ``generation_config.json`` (token ids) and safetensors weights.
@@ -203,7 +205,7 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike,
     config = model.config
     state = model.state_dict() if state_dict is None else state_dict
     with torch.device("meta"):
-        names = list(QwenForCausalLM(config).state_dict())
+        names = list(DecoderLM(config).state_dict())
     if config.tie_word_embeddings:
         names.remove("lm_head.weight")
     missing = [n for n in names if n not in state]
@@ -274,6 +276,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     names: dict[Any, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16",
                              torch.float16: "float16"}
     if dtype not in names:
-        raise ConfigError(f"dtype {dtype} cannot be stored in a Qwen checkpoint; use "
+        raise ConfigError(f"dtype {dtype} cannot be stored in a checkpoint; use "
                           "float32, bfloat16 or float16.")
     return names[dtype]

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 from minicd.data.records import Record, read_records
 from minicd.errors import MinicdError
 from minicd.model.hub import build_model, save_model
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 from minicd.model.tokenizer import train_bpe_tokenizer
 from minicd.parse import format_answer
 from minicd.prompts import coding_prompt
@@ -36,14 +36,14 @@ def tokenizer_corpus(records: Sequence[Record]) -> Iterator[str]:
 def build_scratch(train_jsonl: str | Path, out_dir: str | Path, *, vocab_size: int = 2048,
                   hidden: int = 192, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                   head_dim: int = 48, intermediate: int | None = None, max_positions: int = 4096,
-                  seed: int = 0) -> QwenConfig:
+                  seed: int = 0) -> DecoderConfig:
     """Train the tokenizer, build the model with fresh weights, save both into ``out_dir``."""
     records = [r for r in read_records(train_jsonl) if r.split == "train"]
     if not records:
         raise MinicdError(f"{train_jsonl}: no training records to build the demo tokenizer from")
     out = Path(out_dir)
     tok = train_bpe_tokenizer(tokenizer_corpus(records), vocab_size, out)
-    cfg = QwenConfig(model_type="qwen3", vocab_size=tok.vocab_size, hidden_size=hidden,
+    cfg = DecoderConfig(model_type="qwen3", vocab_size=tok.vocab_size, hidden_size=hidden,
                      intermediate_size=intermediate or 3 * hidden, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                      rope_theta=10000.0, max_position_embeddings=max_positions,

