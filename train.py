@@ -1,6 +1,7 @@
-"""Train a coder: `python train.py --stage sft|grpo|phi --config FILE [--resume] [section.key=value ...]`.
+"""Train a coder: `python train.py --stage sft|grpo|phi|classifier --config FILE [--resume] [section.key=value ...]`.
 
-Run under `torchrun --nproc_per_node N train.py ...` for several devices (FSDP2).
+Run under `torchrun --nproc_per_node N train.py ...` for several devices (FSDP2); the classifier
+stage (the discriminative coders of Tables 1-2) runs in one process.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ import sys
 
 from minicd.errors import MinicdError
 
-STAGES = ("sft", "grpo", "phi")
+STAGES = ("sft", "grpo", "phi", "classifier")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="minicd training. Stages: sft (LoRA fine-tuning), grpo (sample-F1 "
-                    "reward RL) and phi (GRPO rounds with missed-code hints).",
+                    "reward RL), phi (GRPO rounds with missed-code hints) and classifier (a "
+                    "discriminative coder: CNN, Bi-GRU, CAML, MultiResCNN, LAAT or PLM-ICD).",
         epilog="Overrides are TOML values on dotted keys, e.g. sft.lr=1e-4 train.max_steps=10 "
                "model.path=runs/demo/model")
     p.add_argument("--stage", required=True, choices=STAGES,
-                   help="training stage: sft, grpo or phi")
+                   help="training stage: sft, grpo, phi or classifier")
     p.add_argument("--config", required=True, help="TOML config file (see configs/)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in train.output_dir")
@@ -41,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
+        from minicd.train.classifier import run_classifier
         from minicd.train.grpo import run_grpo
         from minicd.train.phi import run_phi
         from minicd.train.sft import run_sft
 
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
-        run = {"sft": run_sft, "grpo": run_grpo, "phi": run_phi}[args.stage]
+        run = {"sft": run_sft, "grpo": run_grpo, "phi": run_phi,
+               "classifier": run_classifier}[args.stage]
         result = run(cfg)
         done = True
     except MinicdError as exc:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # ranks meet at a barrier only when all finished; an error path just tears down
         destroy_distributed(sync=done)
     keys = ("round", "step", "loss", "reward_mean", "train_micro_recall", "train_micro_f1",
-            "val/micro_f1", "val/macro_f1")
+            "val/micro_f1", "val/macro_f1", "threshold", "val/best_micro_f1", "test/micro_f1")
     print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
                    for k in keys if k in result))
     return 0

@@ -48,7 +48,7 @@ class CAMLAttention(nn.Module):
 
     def __init__(self, input_size: int, num_labels: int) -> None:
         super().__init__()
-        self.first_linear = nn.Linear(input_size, num_labels)    # u_l (rows of the weight)
+        self.first_linear = nn.Linear(input_size, num_labels, bias=False)  # u_l (rows)
         self.second_linear = nn.Linear(input_size, num_labels)   # beta_l, b_l
         nn.init.xavier_uniform_(self.first_linear.weight)
         nn.init.xavier_uniform_(self.second_linear.weight)
