@@ -219,6 +219,9 @@ class ClassifierConfig:
     max_tokens: int = 4000             # words (or encoder tokens) kept from a note's start (Edin: 4000)
     min_count: int = 3                 # vocabulary: words in >= this many training notes (Edin: 3)
     embed_dim: int = 100               # word embedding size (Edin: word2vec vector_size 100)
+    embed_init: Literal["word2vec", "random"] = "word2vec"  # word2vec: skip-gram trained on the
+                                       #   training notes first (Edin: gensim word2vec, 5 epochs)
+    word2vec_epochs: int = 5           # Edin: 5
     embed_dropout: float = 0.2         # Edin: 0.2 (CNN and Bi-GRU on MIMIC-IV: 0; LAAT: 0.3)
     num_filters: int = 50              # CNN: 500, CAML and MultiResCNN: 50 (Edin)
     kernel_size: int = 10              # CNN: 4, CAML: 10 (Edin)
@@ -238,7 +241,8 @@ class ClassifierConfig:
     score_top_k: int = 50              # per-code scores kept in each prediction row (top-k by probability)
 
     def validate(self) -> None:
-        for key in ("max_tokens", "min_count", "embed_dim", "num_filters", "kernel_size",
+        for key in ("max_tokens", "min_count", "embed_dim", "word2vec_epochs", "num_filters",
+                    "kernel_size",
                     "rnn_size", "rnn_layers", "projection_size", "segment_length", "epochs",
                     "patience", "eval_batch_size", "score_top_k"):
             _at_least_one(f"classifier.{key}", getattr(self, key))

@@ -185,3 +185,41 @@ def test_words_and_vocab():
     assert v.encode("") == [1]
     ids, mask = pad_batch([[2, 3], [3]])
     assert ids.tolist() == [[2, 3], [3, 0]] and mask.tolist() == [[True, True], [True, False]]
+
+
+def test_skipgram_pairs_by_hand():
+    from minicd.discriminative.word2vec import skipgram_pairs
+
+    c, x = skipgram_pairs([[2, 3, 1, 4], [5, 6]], window=2)
+    # note 1: distance 1 -> (2,3) (3,1)x (1,4)x; distance 2 -> (2,1)x (3,4); note 2: (5,6);
+    # the unknown word (1) pairs with nothing and no pair crosses notes
+    pairs = sorted(zip(c.tolist(), x.tolist()))
+    assert pairs == sorted([(2, 3), (3, 2), (5, 6), (6, 5), (3, 4), (4, 3)])
+
+
+def test_sgns_loss_by_hand():
+    from minicd.discriminative.word2vec import sgns_loss
+
+    u = torch.tensor([[1.0, 0.0]])
+    v = torch.tensor([[2.0, 0.0]])
+    n = torch.tensor([[[0.0, 1.0], [-1.0, 0.0]]])
+    # -log s(2) - log s(-0) - log s(1)
+    expect = -(math.log(1 / (1 + math.exp(-2))) + math.log(0.5) + math.log(1 / (1 + math.exp(-1))))
+    assert sgns_loss(u, v, n).item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_word2vec_puts_cooccurring_words_together():
+    from minicd.discriminative.word2vec import train_word2vec
+
+    g = torch.Generator().manual_seed(0)
+    # two topics that never share a note: words 2-5 and words 6-9
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(2, 6, 12)) if k % 2 else list(rng.integers(6, 10, 12))
+            for k in range(200)]
+    w = train_word2vec(seqs, 10, 8, generator=g, epochs=5, batch_size=256, lr=0.02)
+    assert w.shape == (10, 8) and (w[0] == 0).all()
+    unit = torch.nn.functional.normalize(w[2:], dim=1)
+    cos = unit @ unit.T                                             # [8, 8]
+    same = torch.cat([cos[:4, :4][~torch.eye(4, dtype=bool)], cos[4:, 4:][~torch.eye(4, dtype=bool)]])
+    across = cos[:4, 4:].flatten()
+    assert same.min() > across.max()

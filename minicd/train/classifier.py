@@ -106,7 +106,8 @@ class Coder:
 
 def build_coder(cfg: Config, train_recs: Sequence[Record]) -> Coder:
     """Label space, text pipeline and a freshly initialised model (parameters drawn from a
-    generator forked from torch's and seeded with ``train.seed``)."""
+    generator forked from torch's and seeded with ``train.seed``; word embeddings from word2vec
+    on the training notes when ``classifier.embed_init = "word2vec"``)."""
     cc = cfg.classifier
     labels = sorted({c for r in train_recs for c in r.codes})
     vocab = tok = encoder = None
@@ -119,9 +120,18 @@ def build_coder(cfg: Config, train_recs: Sequence[Record]) -> Coder:
         root = resolve_checkpoint(cc.encoder_path)
         tok = SegmentTokenizer(root)
         encoder = load_roberta(root)
+    embeddings = None
+    if vocab is not None and cc.embed_init == "word2vec":
+        from minicd.discriminative.word2vec import train_word2vec
+
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        embeddings = train_word2vec([vocab.encode(r.note, cc.max_tokens) for r in train_recs],
+                                    len(vocab), cc.embed_dim, generator=g,
+                                    epochs=cc.word2vec_epochs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        model = build_classifier(cc, len(labels), len(vocab) if vocab else 0, encoder=encoder)
+        model = build_classifier(cc, len(labels), len(vocab) if vocab else 0, encoder=encoder,
+                                 embeddings=embeddings)
     return Coder(cc, labels, model, vocab, tok)
 
 
