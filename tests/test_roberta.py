@@ -64,7 +64,7 @@ def test_masked_lm_checkpoint_prefix_loads(tmp_path):
     mask = (ids != 1).long()
     with torch.no_grad():
         ref = mlm.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
-        out = load_roberta(tmp_path)(ids, mask)
+        out = load_roberta(tmp_path).eval()(ids, mask)
     assert torch.allclose(out, ref, atol=1e-5, rtol=0)
 
 

@@ -35,6 +35,8 @@ class RobertaConfig:
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1
     hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
 
     @classmethod
     def from_hf_dict(cls, data: dict, source: str = "config.json") -> "RobertaConfig":
@@ -66,13 +68,14 @@ class RobertaEmbeddings(nn.Module):
                                                 padding_idx=cfg.pad_token_id)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         real = (input_ids != self.pad_id).long()                 # [B, T]
         positions = torch.cumsum(real, dim=1) * real + self.pad_id  # pads keep pad_id
         x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
              + self.token_type_embeddings.weight[0])             # [B, T, H]
-        return self.LayerNorm(x)
+        return self.dropout(self.LayerNorm(x))
 
 
 class RobertaSelfAttention(nn.Module):
@@ -82,33 +85,36 @@ class RobertaSelfAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         split = lambda y: y.view(b, t, self.heads, h // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))  # [B, nh, T, d]
         scores = q @ k.transpose(-1, -2) / math.sqrt(h // self.heads) + bias  # [B, nh, T, T]
-        out = torch.softmax(scores, dim=-1) @ v                  # [B, nh, T, d]
+        out = self.dropout(torch.softmax(scores, dim=-1)) @ v    # [B, nh, T, d]
         return out.transpose(1, 2).reshape(b, t, h)
 
 
 class DenseNorm(nn.Module):
     """``LayerNorm(dense(x) + residual)``: the output sub-block of attention and of the MLP."""
 
-    def __init__(self, d_in: int, d_out: int, eps: float) -> None:
+    def __init__(self, d_in: int, d_out: int, eps: float, dropout: float) -> None:
         super().__init__()
         self.dense = nn.Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class RobertaAttention(nn.Module):
     def __init__(self, cfg: RobertaConfig) -> None:
         super().__init__()
         self.self = RobertaSelfAttention(cfg)
-        self.output = DenseNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
+        self.output = DenseNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps,
+                                cfg.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return self.output(self.self(x, bias), x)
@@ -129,7 +135,8 @@ class RobertaLayer(nn.Module):
         super().__init__()
         self.attention = RobertaAttention(cfg)
         self.intermediate = RobertaIntermediate(cfg)
-        self.output = DenseNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
+        self.output = DenseNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps,
+                                cfg.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = self.attention(x, bias)
@@ -145,8 +152,8 @@ class RobertaEncoder(nn.Module):
 class RobertaModel(nn.Module):
     """RoBERTa without pooler: ``forward(input_ids [B, T], attention_mask [B, T]) -> [B, T, H]``.
 
-    Dropout is left out (PLM-ICD fine-tunes with the encoder as is; HF's dropout 0.1 is the one
-    difference in training mode)."""
+    Dropout (hidden and attention probabilities, as the config says) acts in training mode only,
+    where transformers places it."""
 
     def __init__(self, cfg: RobertaConfig) -> None:
         super().__init__()
