@@ -197,3 +197,38 @@ def test_cli_and_config_errors(assets, tmp_path):
     plm = cli("--stage", "classifier", "--config", str(assets["config"]), "classifier.model=plmicd")
     assert plm.returncode == 2 and "classifier.encoder_path" in plm.stderr
     assert "Traceback" not in bad.stderr + plm.stderr
+
+
+def test_plmicd_stage_end_to_end(assets, tmp_path):
+    """PLM-ICD through the stage: a random RoBERTa saved by transformers and a byte-level BPE
+    tokenizer (vocab.json + merges.txt) trained on the training notes."""
+    import transformers
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    enc_dir = tmp_path / "roberta"
+    enc_dir.mkdir()
+    notes = [r.note for r in read_records(assets["data_dir"] / "train.jsonl")]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(notes, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.save_model(str(enc_dir))
+    assert bpe.token_to_id("<pad>") == 1
+    cfg = transformers.RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=16,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=40,
+                                     type_vocab_size=1, pad_token_id=1)
+    torch.manual_seed(0)
+    transformers.RobertaModel(cfg).save_pretrained(enc_dir, safe_serialization=True)
+    out = tmp_path / "plm"
+    res = run_classifier(_cfg(assets, out, "classifier.model=plmicd",
+                              f"classifier.encoder_path={json.dumps(str(enc_dir))}",
+                              "classifier.segment_length=16", "classifier.max_tokens=100",
+                              "classifier.lr=1e-3", "train.max_steps=2"))
+    assert res["step"] == 2 and not res["stopped"]
+    coder = load_coder(out)
+    ids = coder.encode(notes[0])
+    assert ids[0] == coder.tokenizer.bos_id and ids[-1] == coder.tokenizer.eos_id
+    assert len(ids) == 100  # a long note: cut to max_tokens, so it spans 7 segments of 16
+    x, m = coder.collate([ids, ids[:10]])
+    assert x.shape == (2, 7, 16) and m[1, 1:].sum() == 0
+    rows = read_predictions(out / "predictions" / "test.jsonl")
+    assert len(rows) == len(read_records(assets["data_dir"] / "test.jsonl"))
