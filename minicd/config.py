@@ -99,8 +99,12 @@ class TrainConfig:
                                        #   (+ tokenizer) that transformers and vLLM serve directly
     resume: bool = False
     num_threads: int | None = None     # torch CPU threads (None: torch default)
+    dist_timeout_s: float = 1800.0     # torch.distributed collective timeout (seconds); no phase
+                                       #   leaves one rank alone for longer than a step
 
     def validate(self) -> None:
+        _need(60.0 <= self.dist_timeout_s <= 86400.0, "train.dist_timeout_s", self.dist_timeout_s,
+              "in [60, 86400] seconds (default 1800)")
         for key in ("micro_batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
             _at_least_one(f"train.{key}", getattr(self, key))
         _at_least_one("train.max_steps", self.max_steps, unset_ok=True)
@@ -141,12 +145,24 @@ class GRPOConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2             # release: 0.3
     dual_clip: float | None = None     # release: 3.0
-    agg: Literal["token-mean", "seq-mean"] = "token-mean"
-    adv_std: Literal["unbiased", "biased", "none"] = "unbiased"  # none: Dr. GRPO mean-only
+    agg: Literal["token-mean", "seq-mean", "seq-mean-token-sum-norm"] = "token-mean"
+                                       # token-mean (paper, release); seq-mean (DeepSeekMath);
+                                       #   seq-mean-token-sum-norm: Dr. GRPO's constant normaliser
+                                       #   sum / (N x rollout.max_new_tokens)
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"  # grpo: Eq. 1, (r - mean) / (std + eps)
+                                       #   (paper, release); dr_grpo: r - mean; rloo: r - mean of
+                                       #   the other G - 1 (docs/grpo_variants.md)
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO, one ratio per response
+    loss: Literal["clip", "cispo"] = "clip"  # clip: Eq. 2 (paper); cispo: sg(clipped ratio) A logp
+    mask_truncated: bool = False       # leave responses cut at rollout.max_new_tokens out of the
+                                       #   loss (DAPO's overlong filtering; paper, release: off)
     epochs: float = 1.0
     updates_per_batch: int = 1
-    reward: str = "f1"                 # f1 (paper) | fbeta:<beta> | package.module:function
-                                       #   (response text, gold codes) -> float; see make_reward
+    reward: str = "f1"                 # f1 (paper) | fbeta:<beta> | weighted_f1[:<default_weight>]
+                                       #   | f1_release (release: span-less responses scored on
+                                       #   ICD-shaped tokens) | package.module:function (response
+                                       #   text, gold codes) -> float; each optionally
+                                       #   +missed:<lambda> (PHI); see algo/reward.make_reward
     shared_prefix: bool = True         # compute each group's prompt once, not G times: the prompt
                                        #   and its samples packed in one row (same math)
 
@@ -164,6 +180,8 @@ class GRPOConfig:
         _need(self.dual_clip is None or self.dual_clip > 1, "grpo.dual_clip", self.dual_clip,
               "> 1 or unset (release: 3.0)")
         _need(self.epochs > 0, "grpo.epochs", self.epochs, "> 0")
+        _need(self.loss != "cispo" or self.dual_clip is None, "grpo.dual_clip", self.dual_clip,
+              "unset with grpo.loss = \"cispo\" (the dual clip bounds the clip loss only)")
         parse_reward_spec(self.reward, check=True)
 
 
@@ -175,6 +193,8 @@ class RolloutConfig:
     max_new_tokens: int = 196          # paper: 196; release used 512 for Full
     val_temperature: float = 0.0       # in-training validation is greedy (release: T 0.6 / top-p 0.95)
     max_batch_size: int = 64           # torch engine: rows (prompt x sample) decoded together
+    sleep: bool | None = None          # vLLM sleeps (weights offloaded, KV cache dropped) during
+                                       #   training passes; None: on with CUDA, off on CPU
 
     def validate(self) -> None:
         _need(self.temperature >= 0, "rollout.temperature", self.temperature, ">= 0 (paper: 1.0)")
@@ -362,29 +382,63 @@ def import_callable(spec: str, key: str) -> Callable[..., Any]:
     return fn
 
 
-def parse_reward_spec(spec: str, check: bool = False) -> tuple[str, Any]:
-    """``grpo.reward`` -> ``("f1", None)``, ``("fbeta", beta)`` or ``("user", function)``.
+@dataclass(frozen=True)
+class RewardSpec:
+    """A parsed ``grpo.reward``: ``kind`` f1 | fbeta | weighted_f1 | f1_release | user, its
+    argument (beta, default weight, or the user's function) and the missed-code bonus lambda."""
 
+    kind: str
+    arg: Any = None
+    missed: float = 0.0
+
+
+_REWARD_FORMS = ("'f1', 'fbeta:<beta>', 'weighted_f1[:<default_weight>]', 'f1_release' or "
+                 "'package.module:function', optionally followed by '+missed:<lambda>'")
+
+
+def _positive_number(text: str, spec: str, what: str, example: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"grpo.reward = {spec!r}: {what} must be a number > 0, e.g. {example!r}")
+    return value
+
+
+def parse_reward_spec(spec: str, check: bool = False) -> RewardSpec:
+    """``grpo.reward`` -> :class:`RewardSpec` (see ``minicd.algo.reward.make_reward``).
+
+    Forms: ``f1`` (the paper's), ``fbeta:<beta>``, ``weighted_f1`` or
+    ``weighted_f1:<default_weight>``, ``f1_release`` (the public release's fallback), or
+    ``package.module:function``; any of them may be followed by ``+missed:<lambda>``.
     With ``check``, a user function is called once on a dummy response (``<code>401.9</code>``
     against gold ``("401.9",)``) and must return a finite number: a broken reward fails at load,
     not after the model and the first rollout. Note: this imports and runs the user's code.
     """
-    spec = spec.strip()
-    if spec == "f1":
-        return "f1", None
-    if spec.startswith("fbeta:"):
-        try:
-            beta = float(spec.split(":", 1)[1])
-        except ValueError:
-            beta = float("nan")
-        if not (math.isfinite(beta) and beta > 0):
-            raise ConfigError(f"grpo.reward = {spec!r}: the F-beta weight must be a number > 0, "
-                              "e.g. 'fbeta:2'")
-        return "fbeta", beta
-    if ":" not in spec:
-        raise ConfigError(f"grpo.reward = {spec!r}: expected 'f1', 'fbeta:<beta>' or "
-                          "'package.module:function'")
-    fn = import_callable(spec, "grpo.reward")
+    full = spec.strip()
+    base, *extras = [part.strip() for part in full.split("+")]
+    missed = 0.0
+    for extra in extras:
+        if not extra.startswith("missed:") or missed:
+            raise ConfigError(f"grpo.reward = {spec!r}: after '+' expected one "
+                              "'missed:<lambda>' (e.g. 'f1+missed:0.1')")
+        missed = _positive_number(extra.split(":", 1)[1], spec, "the missed-code bonus lambda",
+                                  "f1+missed:0.1")
+    if base in ("f1", "f1_release"):
+        return RewardSpec(base, None, missed)
+    if base == "weighted_f1":
+        return RewardSpec("weighted_f1", 1.0, missed)
+    if base.startswith("fbeta:"):
+        beta = _positive_number(base.split(":", 1)[1], spec, "the F-beta weight", "fbeta:2")
+        return RewardSpec("fbeta", beta, missed)
+    if base.startswith("weighted_f1:"):
+        default = _positive_number(base.split(":", 1)[1], spec, "the default code weight",
+                                   "weighted_f1:1")
+        return RewardSpec("weighted_f1", default, missed)
+    if ":" not in base:
+        raise ConfigError(f"grpo.reward = {spec!r}: expected {_REWARD_FORMS}")
+    fn = import_callable(base, "grpo.reward")
     if check:
         try:
             value = fn("<code>401.9</code>", ("401.9",))
@@ -396,7 +450,7 @@ def parse_reward_spec(spec: str, check: bool = False) -> tuple[str, Any]:
                 or not math.isfinite(value):
             raise ConfigError(f"grpo.reward = {spec!r}: returned {value!r} on a dummy response; "
                               "a reward function must return a finite number")
-    return "user", fn
+    return RewardSpec("user", fn, missed)
 
 
 def _read_toml(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:

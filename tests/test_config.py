@@ -121,6 +121,15 @@ def test_every_shipped_preset_loads():
     ("train.max_steps=0", r"train\.max_steps = 0"),
     ("grpo.dual_clip=0.5", r"grpo\.dual_clip = 0\.5: must be > 1"),
     ("grpo.reward=fbeta:-1", r"grpo\.reward = 'fbeta:-1'"),
+    ("grpo.reward=f1+missed:-1", r"grpo\.reward = 'f1\+missed:-1'.*lambda must be a number > 0"),
+    ("grpo.advantage=ppo", r"grpo\.advantage = 'ppo': expected one of grpo, dr_grpo, rloo"),
+    ("grpo.ratio_level=group", r"grpo\.ratio_level = 'group': expected one of token, sequence"),
+    ("grpo.loss=ppo", r"grpo\.loss = 'ppo': expected one of clip, cispo"),
+    ("grpo.agg=sum", r"grpo\.agg = 'sum': expected one of token-mean, seq-mean, "
+                     r"seq-mean-token-sum-norm"),
+    ("grpo.adv_std=none", r"unknown key\(s\) grpo\.adv_std; valid keys here: .*advantage"),
+    ("train.dist_timeout_s=10", r"train\.dist_timeout_s = 10\.0: must be in \[60, 86400\]"),
+    ("rollout.sleep=2", r"rollout\.sleep: expected true or false"),
 ])
 def test_every_value_is_checked_at_load(override, needle):
     """Enumerations (Literal types) and ranges fail at load, naming key, value and the rule."""
@@ -139,6 +148,10 @@ def test_stage_rules_across_sections():
     with pytest.raises(ConfigError, match=r"lora\.enabled = false: PHI needs"):
         load_config(None, ["lora.enabled=false", "grpo.kl_coef=0"], stage="phi")
     load_config(None, ["lora.enabled=false"], stage="sft")
+    with pytest.raises(ConfigError, match=r"grpo\.dual_clip = 3\.0: must be unset with grpo\.loss"):
+        load_config(None, ["grpo.loss=cispo", "grpo.dual_clip=3.0"])
+    load_config(None, ["grpo.loss=cispo", "grpo.ratio_level=sequence", "grpo.mask_truncated=true",
+                       "grpo.advantage=rloo", "grpo.agg=seq-mean-token-sum-norm"], stage="grpo")
 
 
 def test_user_reward_is_imported_and_called_at_load(tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def run_sft(cfg: Config) -> dict:
     """
     cfg.validate("sft")
     t = cfg.train
-    info = dist.init_distributed(t.device)
+    info = dist.init_distributed(t.device, timeout_s=t.dist_timeout_s)
     world = info.world_size
     policy = build_policy(cfg, info)
     model, tok = policy.model, policy.tokenizer
