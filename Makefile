@@ -56,6 +56,11 @@ DEMO_SFT    ?=
 DEMO_GRPO   ?= train.max_steps=80 train.eval_every=20
 DEMO_PHI    ?= train.max_steps=20 data.train_limit=300 train.eval_every=20
 DEMO_EVAL_LIMIT ?=
+# discriminative baselines ("PLM Baselines" rows; configs/demo_classifier.toml): models and overrides
+DEMO_CLF      ?= laat caml
+DEMO_CLF_ARGS ?=
+CLF_NAME = $(if $(filter laat,$1),LAAT:Bi-LSTM,$(if $(filter caml,$1),CAML:CNN,$1))
+CLF_RUNS = $(foreach m,$(DEMO_CLF),--run $(call CLF_NAME,$m)=$(DEMO)/$m/predictions/test.jsonl)
 CFG   := configs/demo.toml
 DATA  := $(DEMO)/data/mimic3/top50
 PATHS := data.dir=$(DATA)
@@ -78,7 +83,8 @@ demo-fast: install
 	@$(MAKE) --no-print-directory demo-run DEMO=$(DEMO)-fast DEMO_N=1000 \
 	  DEMO_MODEL="--hidden 128 --layers 3 --heads 4 --kv-heads 2 --head-dim 32 --vocab-size 1536" \
 	  DEMO_SFT="sft.epochs=4 sft.lr=2e-3 data.val_limit=50" DEMO_GRPO="train.max_steps=4" \
-	  DEMO_PHI="phi.rounds=1 train.max_steps=2 data.train_limit=40"
+	  DEMO_PHI="phi.rounds=1 train.max_steps=2 data.train_limit=40" \
+	  DEMO_CLF=caml DEMO_CLF_ARGS="classifier.epochs=3"
 
 demo-run:
 	@# a fresh run: rollout.py resumes into existing prediction files and would keep stale rows
@@ -109,8 +115,11 @@ demo-run:
 	  train.output_dir=$(DEMO)/phi $(DEMO_PHI)
 	$(PY) rollout.py --config $(CFG) --split test $(LIMIT) --out $(DEMO)/pred/phi.jsonl \
 	  $(PATHS) model.path=$(DEMO)/sft/model --adapter $(DEMO)/phi/adapter
+	$(call stage,$(DEMO),discriminative baselines from scratch ($(DEMO_CLF); threshold tuned on val))
+	for m in $(DEMO_CLF); do $(PY) train.py --stage classifier --config configs/demo_classifier.toml \
+	  $(PATHS) classifier.model=$$m train.output_dir=$(DEMO)/$$m $(DEMO_CLF_ARGS) || exit 1; done
 	$(call stage,$(DEMO),8/8 evaluation (paper layout))
-	$(PY) evaluate.py --gold $(DATA) --backbone tiny-qwen3 --out $(DEMO)/eval --plots \
+	$(PY) evaluate.py --gold $(DATA) --backbone tiny-qwen3 --out $(DEMO)/eval --plots $(CLF_RUNS) \
 	  --run Zero-shot=$(DEMO)/pred/zero_shot.jsonl --run SFT=$(DEMO)/pred/sft.jsonl \
 	  --run GRPO=$(DEMO)/pred/grpo.jsonl --run PHI=$(DEMO)/pred/phi.jsonl \
 	  --metrics SFT=$(DEMO)/sft/metrics.jsonl --metrics GRPO=$(DEMO)/grpo/metrics.jsonl
@@ -179,8 +188,12 @@ demo-smollm2-run:
 	  train.output_dir=$(SDEMO)/phi $(SDEMO_PHI)
 	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/phi.jsonl \
 	  $(SPATHS) model.path=$(SMERGED) --adapter $(SDEMO)/phi/adapter
-	$(call stage,$(SDEMO),6/7 evaluation (paper layout))
+	$(call stage,$(SDEMO),6/7 discriminative baselines from scratch ($(DEMO_CLF); threshold tuned on val))
+	for m in $(DEMO_CLF); do $(PY) train.py --stage classifier --config configs/demo_classifier.toml \
+	  $(SPATHS) classifier.model=$$m train.output_dir=$(SDEMO)/$$m $(DEMO_CLF_ARGS) || exit 1; done
+	$(call stage,$(SDEMO),7/7 evaluation (paper layout))
 	$(PY) evaluate.py --gold $(SDATA) --backbone SmolLM2-135M --out $(SDEMO)/eval --plots \
+	  $(foreach m,$(DEMO_CLF),--run $(call CLF_NAME,$m)=$(SDEMO)/$m/predictions/test.jsonl) \
 	  $(SDEMO_RUNS) $(SDEMO_METRICS)
 	$(call stage,$(SDEMO),end)
 

@@ -10,7 +10,11 @@ dataset folder with ``full/`` and ``topK/`` subfolders (every variant found is a
 
 Runs (``--run``, repeatable): ``METHOD[:BACKBONE][@SETTING]=PREDICTIONS.jsonl``. The backbone
 defaults to ``--backbone``; the setting may be left out when there is a single gold setting.
-Runs sharing METHOD and BACKBONE form one table row with Top-K and Full side by side.
+Runs sharing METHOD and BACKBONE form one table row with Top-K and Full side by side. Rows are
+grouped as in the paper: PLM Baselines (discriminative coders: predictions with per-code
+``scores`` from ``train.py --stage classifier``, or methods named CNN, GRU, CAML, MultiResCNN,
+LAAT, PLM-ICD), LLM (Prompting) (zero-/few-shot, CoT), LLM (Post-training) (the rest); the text
+and markdown tables title each group when more than one is present.
 
 Predictions are re-parsed from their ``response`` (single parser). Gold records with no
 prediction count as empty predictions without a span (reported); predictions for ids not in the
@@ -135,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         used = [s for s in settings if any(r["setting"] == s for r in results)]
 
         header, rows = ev.main_table(results, used)
+        groups = ev.main_table_groups(results)
         b_header, b_rows = ev.bucket_table(results)
         f_header, f_rows = ev.format_table(results)
         print(f"Results (%, label space: {args.label_space}; micro / macro over the label space)")
-        print(ev.render_text(rows, used))
+        print(ev.render_text(rows, used, groups))
         if b_rows:
             print("Rare-code view: recall (%) by training frequency of the gold code")
             print(ev.render_plain(b_header, b_rows))
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            files = {"table.md": ev.render_markdown(header, rows),
+            files = {"table.md": ev.render_markdown(header, rows, groups),
                      "table.csv": ev.render_csv(header, rows),
                      "format.md": ev.render_markdown(f_header, f_rows),
                      "format.csv": ev.render_csv(f_header, f_rows)}

@@ -1,7 +1,8 @@
-"""Train a coder: `python train.py --stage sft|grpo|phi --config FILE [--resume | --overwrite]
-[section.key=value ...]` (overrides may come anywhere among the options).
+"""Train a coder: `python train.py --stage sft|grpo|phi|classifier --config FILE [--resume |
+--overwrite] [section.key=value ...]` (overrides may come anywhere among the options).
 
-Run under `torchrun --nproc_per_node N train.py ...` for several devices (FSDP2). Exit status: 0
+Run under `torchrun --nproc_per_node N train.py ...` for several devices (FSDP2; the classifier
+stage, the discriminative coders of Tables 1-2, runs in one process). Exit status: 0
 done, 2 a user error (one line on stderr, nothing trained), 128 + N stopped by signal N (SIGTERM,
 Ctrl-C) after saving a checkpoint; the command that resumes it is printed.
 """
@@ -16,17 +17,18 @@ import sys
 
 from minicd.errors import MinicdError
 
-STAGES = ("sft", "grpo", "phi")
+STAGES = ("sft", "grpo", "phi", "classifier")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="minicd training. Stages: sft (LoRA fine-tuning), grpo (sample-F1 "
-                    "reward RL) and phi (GRPO rounds with missed-code hints).",
+                    "reward RL), phi (GRPO rounds with missed-code hints) and classifier (a "
+                    "discriminative coder: CNN, Bi-GRU, CAML, MultiResCNN, LAAT or PLM-ICD).",
         epilog="Overrides are TOML values on dotted keys, e.g. sft.lr=1e-4 train.max_steps=10 "
                "model.path=runs/demo/model; they may come anywhere among the options.")
     p.add_argument("--stage", required=True, choices=STAGES,
-                   help="training stage: sft, grpo or phi")
+                   help="training stage: sft, grpo, phi or classifier")
     p.add_argument("--config", required=True, help="TOML config file (see configs/)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in train.output_dir")
@@ -65,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from minicd.checkpoint import stop_signal
+        from minicd.train.classifier import run_classifier
         from minicd.train.grpo import run_grpo
         from minicd.train.phi import run_phi
         from minicd.train.sft import run_sft
 
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
-        run = {"sft": run_sft, "grpo": run_grpo, "phi": run_phi}[args.stage]
+        run = {"sft": run_sft, "grpo": run_grpo, "phi": run_phi,
+               "classifier": run_classifier}[args.stage]
         result = run(cfg)
         done = True
     except MinicdError as exc:
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{resume_command(argv)}", file=sys.stderr)
         return 128 + int(signum)
     keys = ("round", "step", "loss", "reward_mean", "train_micro_recall", "train_micro_f1",
-            "val/micro_f1", "val/macro_f1")
+            "val/micro_f1", "val/macro_f1", "threshold", "val/best_micro_f1", "test/micro_f1")
     print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
                    for k in keys if k in result))
     return 0

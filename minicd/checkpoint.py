@@ -184,7 +184,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
                     keep_last: int | None = 2) -> Path | None:
     """Write checkpoint ``step`` atomically; collective (every rank calls it, rank 0 writes).
 
-    ``lora_cfg`` given: the adapter goes to ``adapter/`` (PEFT); None: full weights to ``model/``.
+    ``lora_cfg`` given: the adapter goes to ``adapter/`` (PEFT); None: full weights to ``model/``
+    (HF layout for a decoder; a plain ``model.safetensors`` for a module without ``config``).
     ``trainer_state``: JSON-able caller state (epoch, sampler position, metrics). ``rng``: this
     rank's :func:`capture_rng` (default: capture now, without numpy); every rank's is stored.
     ``keep_last``: complete checkpoints kept (None keeps all). Returns the path on rank 0.
@@ -215,6 +216,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
         with atomic_dir(final) as tmp:  # re-saving a step swaps, never leaving the name empty
             if lora_cfg is not None:
                 save_adapter(None, tmp / "adapter", lora_cfg, state_dict=weights)
+            elif getattr(model, "config", None) is None:  # a plain module (minicd.discriminative)
+                (tmp / "model").mkdir()
+                save_file({k: v.contiguous() for k, v in weights.items()},
+                          str(tmp / "model" / "model.safetensors"), metadata={"format": "pt"})
             else:
                 from minicd.model.hub import save_model
 

@@ -2,7 +2,8 @@
 
 A config file is a TOML document (optionally ``extends = "base.toml"``, a file it is layered
 over, table by table) whose tables are the sections below (``[model]``, ``[lora]``,
-``[data]``, ``[train]``, ``[sft]``, ``[grpo]``, ``[phi]``, ``[rollout]``, ``[log]``). Any key can
+``[data]``, ``[train]``, ``[sft]``, ``[grpo]``, ``[phi]``, ``[rollout]``, ``[classifier]``,
+``[log]``). Any key can
 be overridden on the command line as ``section.key=value`` where ``value`` is TOML
 (``sft.lr=1e-4``, ``lora.target_modules=["q_proj","v_proj"]``, ``model.template="qwen3"``); a bare
 word that is not valid TOML is taken as a string (``model.path=Qwen/Qwen3-4B``).
@@ -25,7 +26,7 @@ from typing import Any, Callable, Literal
 
 from minicd.errors import ConfigError
 
-Stage = Literal["sft", "grpo", "phi"]
+Stage = Literal["sft", "grpo", "phi", "classifier"]
 
 
 @dataclass
@@ -230,6 +231,58 @@ class PHIConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    # The discriminative coders of Tables 1-2 (train.py --stage classifier; minicd.discriminative).
+    # Defaults: Edin et al. (2023)'s configs/model/*.yaml and configs/experiment/mimiciv_icd10/.
+    # Batches: train.micro_batch_size x train.grad_accum (Edin: 8 for the word models, 16 PLM-ICD).
+    model: Literal["cnn", "bigru", "caml", "multirescnn", "laat", "plmicd"] = "laat"
+    encoder_path: str = ""             # plmicd: RoBERTa checkpoint dir or hub id (Edin and the
+                                       #   paper: RoBERTa-base-PM-M3-Voc; safetensors weights)
+    max_tokens: int = 4000             # words (or encoder tokens) kept from a note's start (Edin: 4000)
+    min_count: int = 3                 # vocabulary: words in >= this many training notes (Edin: 3)
+    embed_dim: int = 100               # word embedding size (Edin: word2vec vector_size 100)
+    embed_init: Literal["word2vec", "random"] = "word2vec"  # word2vec: skip-gram trained on the
+                                       #   training notes first (Edin: gensim word2vec, 5 epochs)
+    word2vec_epochs: int = 5           # Edin: 5
+    embed_dropout: float = 0.2         # Edin: 0.2 (CNN and Bi-GRU on MIMIC-IV: 0; LAAT: 0.3)
+    num_filters: int = 50              # CNN: 500, CAML and MultiResCNN: 50 (Edin)
+    kernel_size: int = 10              # CNN: 4, CAML: 10 (Edin)
+    kernel_sizes: list[int] = field(default_factory=lambda: [3, 5, 9, 15, 19, 25])  # MultiResCNN
+    rnn_size: int = 512                # LAAT: LSTM units per direction; Bi-GRU: both directions (Edin: 512)
+    rnn_layers: int = 1
+    rnn_dropout: float = 0.3           # between stacked LSTM layers (LAAT; Edin: 0.3)
+    projection_size: int = 512         # LAAT's attention projection (Edin: 512)
+    segment_length: int = 128          # PLM-ICD segment length in encoder tokens (Edin: 128)
+    lr: float = 1e-3                   # AdamW (Edin: 1e-3 CNN/Bi-GRU/LAAT, 5e-3 CAML, 5e-4 MultiResCNN, 5e-5 PLM-ICD)
+    weight_decay: float = 1e-3         # Edin: 1e-3 LAAT/CAML, 1e-4 MultiResCNN/Bi-GRU, 1e-5 CNN, 0 PLM-ICD
+    warmup_steps: int = 2000           # linear warm-up, then linear decay to 0 (Edin: 2000)
+    epochs: int = 20                   # Edin: 20
+    patience: int = 6                  # stop after this many epochs without a better validation
+                                       #   micro-F1 (Edin: 6, on mean average precision)
+    eval_batch_size: int = 16
+    score_top_k: int = 50              # per-code scores kept in each prediction row (top-k by probability)
+
+    def validate(self) -> None:
+        for key in ("max_tokens", "min_count", "embed_dim", "word2vec_epochs", "num_filters",
+                    "kernel_size",
+                    "rnn_size", "rnn_layers", "projection_size", "segment_length", "epochs",
+                    "patience", "eval_batch_size", "score_top_k"):
+            _at_least_one(f"classifier.{key}", getattr(self, key))
+        _need(len(self.kernel_sizes) > 0 and all(k >= 1 for k in self.kernel_sizes),
+              "classifier.kernel_sizes", self.kernel_sizes,
+              "a non-empty list of integers >= 1 (Edin: [3, 5, 9, 15, 19, 25])")
+        for key in ("embed_dropout", "rnn_dropout"):
+            _need(0.0 <= getattr(self, key) < 1.0, f"classifier.{key}", getattr(self, key),
+                  "in [0, 1)")
+        _need(self.lr > 0, "classifier.lr", self.lr, "> 0 (Edin: 1e-3 for LAAT)")
+        _need(self.weight_decay >= 0, "classifier.weight_decay", self.weight_decay, ">= 0")
+        _need(self.warmup_steps >= 0, "classifier.warmup_steps", self.warmup_steps,
+              ">= 0 (Edin: 2000)")
+        _need(self.segment_length >= 3, "classifier.segment_length", self.segment_length,
+              ">= 3 (Edin: 128)")
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False
     wandb_project: str | None = None
@@ -249,6 +302,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     phi: PHIConfig = field(default_factory=PHIConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,8 +313,12 @@ class Config:
         given). Raises :class:`ConfigError` naming the key, its value and what is allowed."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        if stage not in (None, "sft", "grpo", "phi"):
-            raise ConfigError(f"stage {stage!r}: expected sft, grpo or phi")
+        if stage not in (None, "sft", "grpo", "phi", "classifier"):
+            raise ConfigError(f"stage {stage!r}: expected sft, grpo, phi or classifier")
+        if stage == "classifier" and self.classifier.model == "plmicd" \
+                and not self.classifier.encoder_path:
+            raise ConfigError("classifier.encoder_path is empty: PLM-ICD needs a RoBERTa "
+                              "checkpoint (dir or hub id), e.g. classifier.encoder_path=roberta-base")
         if stage in ("grpo", "phi"):
             _need(self.rollout.temperature > 0, "rollout.temperature", self.rollout.temperature,
                   f"> 0 for --stage {stage}: greedy rollouts make the {self.grpo.group_size} "

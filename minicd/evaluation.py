@@ -255,8 +255,44 @@ def score_run_file(spec: RunSpec, gold: GoldSet, **kwargs) -> dict[str, Any]:
         raise DataError(f"{spec.path}: no predictions (the file is empty); write it with "
                         "rollout.py, or check the --run path")
     result = score_predictions(rows, gold, source=str(spec.path), **kwargs)
+    group = method_group(spec.method, has_scores=any("scores" in r for r in rows))
     return {"method": spec.method, "backbone": spec.backbone, "setting": gold.setting,
-            "predictions": str(spec.path), **result}
+            "group": group, "predictions": str(spec.path), **result}
+
+
+# The paper's row groups (Tables 1-2), in table order.
+GROUPS = ("PLM Baselines", "LLM (Prompting)", "LLM (Post-training)")
+_DISCRIMINATIVE = {"cnn", "gru", "bi-gru", "bigru", "caml", "multirescnn", "laat", "plm-icd",
+                   "plmicd"}
+_PROMPTING = re.compile(r"zero[-_ ]?shot|few[-_ ]?shot|cot|prompt", re.IGNORECASE)
+
+
+def method_group(method: str, has_scores: bool = False) -> str:
+    """The paper's group of a run: "PLM Baselines" for a discriminative coder (its predictions
+    carry per-code ``scores``, as ``train.py --stage classifier`` writes them, or its method is
+    one of CNN, GRU, CAML, MultiResCNN, LAAT, PLM-ICD), "LLM (Prompting)" for zero-/few-shot and
+    CoT prompting, else "LLM (Post-training)"."""
+    if has_scores or method.strip().lower() in _DISCRIMINATIVE:
+        return GROUPS[0]
+    if _PROMPTING.search(method):
+        return GROUPS[1]
+    return GROUPS[2]
+
+
+def _row_groups(results: Sequence[dict]) -> dict[tuple[str, str], str]:
+    """(method, backbone) -> group, in first-seen order, then stably sorted by group."""
+    out: dict[tuple[str, str], str] = {}
+    for r in results:
+        key = (r["method"], r["backbone"])
+        group = r.get("group") or method_group(r["method"])
+        if key not in out or GROUPS.index(group) < GROUPS.index(out[key]):
+            out[key] = group
+    return dict(sorted(out.items(), key=lambda kv: GROUPS.index(kv[1])))
+
+
+def main_table_groups(results: Sequence[dict]) -> list[str]:
+    """The group of each row of :func:`main_table` (same order)."""
+    return list(_row_groups(results).values())
 
 
 # ---------------------------------------------------------------------------------- tables
@@ -267,14 +303,15 @@ def _pct(x: float) -> str:
 
 
 def main_table(results: Sequence[dict], settings: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """The paper's Tables 1-2 layout: one row per (method, backbone) in first-seen order;
-    columns Method, Backbone, then per setting (Top-K before Full) Micro Recall / Precision /
+    """The paper's Tables 1-2 layout: one row per (method, backbone), grouped as the paper
+    (:data:`GROUPS`: PLM Baselines, then prompting, then post-training; first-seen order within a
+    group; :func:`main_table_groups` gives each row's group); columns Method, Backbone, then per setting (Top-K before Full) Micro Recall / Precision /
     F1 and Macro Recall / Precision / F1 in percent with one decimal ("-" when not run)."""
     header = ["Method", "Backbone"] + [f"{setting_title(s)} {lvl} {name}" for s in settings
                                        for _, lvl, name in METRIC_COLUMNS]
-    by_row: dict[tuple[str, str], dict[str, dict]] = {}
+    by_row: dict[tuple[str, str], dict[str, dict]] = {key: {} for key in _row_groups(results)}
     for r in results:
-        by_row.setdefault((r["method"], r["backbone"]), {})[r["setting"]] = r["metrics"]
+        by_row[(r["method"], r["backbone"])][r["setting"]] = r["metrics"]
     rows = []
     for (method, backbone), cells in by_row.items():
         row = [method, backbone]
@@ -312,12 +349,22 @@ def format_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def render_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub markdown table; text columns left-aligned, the rest right-aligned."""
+def render_markdown(header: Sequence[str], rows: Sequence[Sequence[str]],
+                    groups: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table; text columns left-aligned, the rest right-aligned. ``groups``
+    (one per row, e.g. :func:`main_table_groups`): when the rows span several groups, a bold
+    title row opens each group, as in the paper."""
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
     align = ["---" if h in ("Method", "Backbone", "Setting") else "---:" for h in header]
-    return "\n".join([line(header), line(align), *(line(r) for r in rows)]) + "\n"
+    body = [line(r) for r in rows]
+    if groups is not None and len(set(groups)) > 1:
+        body = []
+        for k, r in enumerate(rows):
+            if k == 0 or groups[k] != groups[k - 1]:
+                body.append(line([f"**{groups[k]}**"] + [""] * (len(header) - 1)))
+            body.append(line(r))
+    return "\n".join([line(header), line(align), *body]) + "\n"
 
 
 def render_csv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -338,9 +385,11 @@ def render_plain(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_text(rows: Sequence[Sequence[str]], settings: Sequence[str]) -> str:
+def render_text(rows: Sequence[Sequence[str]], settings: Sequence[str],
+                groups: Sequence[str] | None = None) -> str:
     """The main table as aligned plain text with the paper's three header lines
-    (setting / Micro-Macro / Recall Precision F1)."""
+    (setting / Micro-Macro / Recall Precision F1); with ``groups`` (one per row) spanning
+    several groups, each group opens with its title line (``-- PLM Baselines``)."""
     subs = [name for _ in settings for _, _, name in METRIC_COLUMNS]
     widths = [max([len(h)] + [len(r[j]) for r in rows])
               for j, h in enumerate(["Method", "Backbone"] + subs)]
@@ -358,7 +407,10 @@ def render_text(rows: Sequence[Sequence[str]], settings: Sequence[str]) -> str:
     lines = [first + spans([setting_title(s) for s in settings], 6),
              blank + spans(["Micro", "Macro"] * len(settings), 3),
              blank + "  ".join(h.rjust(w) for h, w in zip(subs, widths[2:]))]
-    for r in rows:
+    titled = groups is not None and len(set(groups)) > 1
+    for k, r in enumerate(rows):
+        if titled and (k == 0 or groups[k] != groups[k - 1]):
+            lines.append(f"-- {groups[k]}")
         lines.append("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])]
                                + [c.rjust(w) for c, w in zip(r[2:], widths[2:])]))
     return "\n".join(line.rstrip() for line in lines) + "\n"

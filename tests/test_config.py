@@ -92,6 +92,12 @@ def test_every_shipped_preset_loads():
             assert cfg.data.code_system == ("icd9" if corpus == "mimic3" else "icd10")
             assert cfg.model.template == ("qwen3" if backbone.startswith("qwen3") else "qwen2.5")
             assert cfg.sft.lr == 1e-5 and cfg.grpo.kl_coef == 1e-3      # the paper's values
+        elif p.stem.split("_")[0] in ("cnn", "bigru", "caml", "multirescnn", "laat", "plmicd"):
+            model, *corpus, scope = p.stem.split("_")       # e.g. laat_mimic4_icd10_full
+            assert cfg.classifier.model == model and cfg.data.label_scope == scope
+            assert cfg.data.corpus == corpus[0]
+            assert cfg.data.code_system == ("icd9" if corpus == ["mimic3"] else "icd10")
+            load_config(p, stage="classifier")              # the stage's own rules pass too
 
 
 @pytest.mark.parametrize("override, needle", [
