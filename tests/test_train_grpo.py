@@ -486,6 +486,37 @@ def test_policy_from_a_previous_adapter_and_its_reference(assets, tmp_path, mode
     torch.testing.assert_close(ref, expected_ref, rtol=0, atol=1e-5)
 
 
+def test_vllm_engine_starts_from_the_merged_init_adapter(assets, tmp_path, monkeypatch):
+    """vLLM loads base weights from disk: with lora.init_adapter in merge mode, GRPO hands the
+    engine the merged start model (base + SFT adapter folded in), whose logits are the SFT
+    policy's, not the bare base's (a scripted engine stands in for vLLM)."""
+    from minicd.model.hub import load_model
+    from minicd.model.lora import LoRAConfig, inject_lora, save_adapter
+
+    sft = load_model(assets["model_dir"])
+    inject_lora(sft, LoRAConfig(r=4, alpha=8.0), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(sft, tmp_path / "sft_adapter", LoRAConfig(r=4, alpha=8.0))
+    seen = []
+
+    def build(cfg, model, tok, lora_cfg, *, model_path=None, device=None):
+        seen.append(model_path or cfg.model.path)
+        return PoolEngine(tok, assets["pool"])
+
+    monkeypatch.setattr(inference, "build_engine", build)
+    out = tmp_path / "out"
+    grpo.run_grpo(_cfg(assets, out, "rollout.engine=vllm", "train.max_steps=1",
+                  f"lora.init_adapter={json.dumps(str(tmp_path / 'sft_adapter'))}"))
+    assert seen == [str(out / "start_model")]
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(seen[0]).eval()(ids), sft.eval()(ids),
+                                   rtol=0, atol=1e-5)
+
+
 SYNC_METHODS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__")
 
 

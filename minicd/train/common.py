@@ -37,6 +37,31 @@ from minicd.rollout.inference import (CHAT_MARKUP_TOKENS, build_engine,  # noqa:
 from minicd.rollout.torch_engine import TorchEngine
 
 
+def merged_start(cfg: Config, merged: Path, info: dist.DistInfo, *,
+                 rebuild: bool) -> tuple[str, str | None]:
+    """(model path to load, adapter to start from) of a stage that starts from
+    ``lora.init_adapter``. In merge mode the adapter is folded into ``model.path`` once and saved
+    as an HF-format model at ``merged`` (rank 0; kept when it exists and ``rebuild`` is false):
+    the stage then trains a fresh adapter on it, and an engine that loads weights from disk
+    (vLLM) serves the same start policy. Otherwise ``(model.path, lora.init_adapter)``."""
+    from minicd.fileio import atomic_dir
+    from minicd.model.lora import merged_state_dict
+
+    lc = cfg.lora
+    if not lc.init_adapter or lc.init_mode == "continue":
+        return cfg.model.path, lc.init_adapter
+    if info.is_main and (rebuild or not (merged / "config.json").is_file()):
+        dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+        model = load_model(cfg.model.path, dtype=dtype)
+        load_adapter(model, lc.init_adapter)
+        with atomic_dir(merged) as tmp:
+            save_model(model, tmp, state_dict=merged_state_dict(model))
+            copy_tokenizer_files(cfg.model.path, tmp)
+        del model
+    dist.barrier()
+    return str(merged), None
+
+
 @dataclass
 class Policy:
     """The trainable model, its tokenizer, the LoRA config (None: full fine-tuning) and device."""

@@ -31,6 +31,7 @@ Nothing here logs note or response text: only numbers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -56,7 +57,7 @@ from minicd.model.lora import disable_adapters
 from minicd.parse import ParsedCodes
 from minicd.rollout.engine import Generation, SamplingParams
 from minicd.rollout.inference import StageEngine
-from minicd.train.common import (Policy, build_optimizer, build_policy,
+from minicd.train.common import (Policy, build_optimizer, build_policy, merged_start,
                                  clip_grad_norm, end_step, finish_stage, load_split,
                                  open_metrics_logger, prompt_ids, resume_state, start_step)
 
@@ -388,6 +389,14 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     train_recs = (list(train_records) if train_records is not None  # data before the model
                   else load_split(cfg, "train", cfg.data.train_limit))
     val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
+    if engine is None and cfg.rollout.engine == "vllm" and cfg.lora.init_adapter \
+            and cfg.lora.init_mode == "merge":
+        # vLLM loads its base weights from disk: give it the merged start policy, not the bare
+        # base (same policy and reference for the trainer: a fresh adapter on the merged model)
+        base, _ = merged_start(cfg, Path(t.output_dir) / "start_model", info,
+                               rebuild=not t.resume)
+        cfg = copy.deepcopy(cfg)
+        cfg.model.path, cfg.lora.init_adapter = base, None
     policy = build_policy(cfg, info)
     slot = engine if engine is not None else StageEngine()
     try:

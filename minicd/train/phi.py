@@ -61,15 +61,14 @@ from minicd.config import Config, PHIConfig
 from minicd.data.records import Record
 from minicd.fileio import atomic_dir, atomic_file
 from minicd.metrics import corpus_metrics
-from minicd.model.hub import copy_tokenizer_files, load_model, load_tokenizer, save_model
-from minicd.model.lora import load_adapter, merged_state_dict
+from minicd.model.hub import load_tokenizer
 from minicd.model.tokenizer import Tokenizer
 from minicd.parse import parse_codes
 from minicd.predictions import read_predictions
 from minicd.prompts import prompt_ids
 from minicd.rollout.engine import SamplingParams
 from minicd.rollout.inference import StageEngine, rollout_records
-from minicd.train.common import Policy, build_policy, load_split
+from minicd.train.common import Policy, build_policy, load_split, merged_start
 from minicd.train.grpo import run_grpo
 
 STATE_FILE, ROUNDS_FILE = "phi_state.json", "phi_rounds.jsonl"
@@ -168,28 +167,6 @@ def refresh_predictions(engine, cfg: Config, tok: Tokenizer, records: Sequence[R
 
 
 # ------------------------------------------------------------------ model lineage
-def phi_base(cfg: Config, out: Path, info: dist.DistInfo, *,
-             rebuild: bool) -> tuple[str, str | None]:
-    """(model every round loads, adapter round 0 starts from): see the module docstring.
-
-    In merge mode, writes ``out/sft_model`` (base + SFT adapter folded in) unless it exists and
-    ``rebuild`` is false (resume)."""
-    lc = cfg.lora
-    if not lc.init_adapter or lc.init_mode == "continue":
-        return cfg.model.path, lc.init_adapter
-    merged = out / "sft_model"
-    if info.is_main and (rebuild or not (merged / "config.json").is_file()):
-        dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
-        model = load_model(cfg.model.path, dtype=dtype)
-        load_adapter(model, lc.init_adapter)
-        with atomic_dir(merged) as tmp:
-            save_model(model, tmp, state_dict=merged_state_dict(model))
-            copy_tokenizer_files(cfg.model.path, tmp)
-        del model
-    dist.barrier()
-    return str(merged), None
-
-
 def round_config(cfg: Config, out: Path, r: int, base: str, start_adapter: str | None) -> Config:
     """The GRPO config of round ``r``: one epoch (over the records :func:`run_phi` passes: those
     with non-empty pools), output in ``out/round-r``, starting from round r-1's adapter (round 0:
@@ -321,7 +298,7 @@ def _phi_rounds(cfg: Config, info: dist.DistInfo, engines: StageEngine) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     train = load_split(cfg, "train", cfg.data.train_limit)
     freq = dict(Counter(c for r in train for c in set(r.codes)))   # training-gold frequency
-    base, start_adapter = phi_base(cfg, out, info, rebuild=not resume)
+    base, start_adapter = merged_start(cfg, out / "sft_model", info, rebuild=not resume)
     tok = load_tokenizer(base, template=cfg.model.template)
     describe = make_describe(phi)
     say = print if info.is_main else (lambda *args: None)
