@@ -8,9 +8,12 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
    epoch])``, so it depends only on (seed, step): resuming needs nothing but the step. Each
    record's prompt comes from a ``build_prompt(record, step, global_index)`` hook (default: the
    hint-free coding prompt); PHI passes one that renders hinted prompts. All G rollouts of a
-   prompt share it.
+   prompt share it. With ``grpo.filter_groups`` (DAPO dynamic sampling) steps 1, 3 and 4 repeat
+   in draw rounds of B further records (:func:`draw_prompt_indices`) until B groups with unequal
+   rewards are kept or ``grpo.max_draws`` rounds are drawn; the decision is taken on the rewards
+   of every rank, and each rank trains on its share of the kept groups (:func:`share_groups`).
 2. Push the policy into the rollout engine and check its weight version moved.
-3. Sample G = ``grpo.group_size`` responses per prompt. Seeds come from (train.seed, step) and the
+3. Sample G = ``grpo.group_size`` responses per prompt, with the engine's per-token log-probs. Seeds come from (train.seed, step) and the
    GLOBAL prompt index, so one process and N processes draw the same samples (see
    :func:`generate_groups`).
 4. Reward = sample F1 of the parsed codes against the full gold set (0 without a span); other
@@ -20,7 +23,8 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
 5. Group advantages (Eq. 1, or ``grpo.advantage``); old log-probs (the detached current ones
    with one update per batch, else recomputed once before the updates); reference log-probs
    under ``disable_adapters``. Responses cut at max_new_tokens leave the loss with
-   ``grpo.mask_truncated``.
+   ``grpo.mask_truncated``. The engine's log-probs give the mismatch statistics and, with
+   ``grpo.tis_cap``, truncated importance weights.
 6. Clipped objective + beta x KL (Eq. 2) per micro-batch, rescaled so the loss is the token mean
    over the GLOBAL batch (all micro-batches and ranks); backward; clip; AdamW step (constant lr).
 7. Log, validate greedily every ``train.eval_every`` steps, checkpoint every ``train.save_every``
@@ -500,7 +504,9 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     batch_micro_f1, zero_var_frac, span_rate, loss, pg_loss, kl, entropy, clip_frac_low,
     clip_frac_high, dual_clip_frac, approx_kl_old, ratio_mean, response_len_mean,
     truncation_rate, response_tokens, rollout_prompts_rank_max, grad_norm, lr, time_gen_s,
-    time_logp_s, time_update_s, step_time_s, tokens_per_s, epoch; ``val/...`` keys every
+    time_logp_s, time_update_s, step_time_s, tokens_per_s, epoch, prompts_drawn,
+    prompts_kept; mismatch_abs_logp, mismatch_out_frac, tis_clip_frac when the engine returns
+    log-probs; no loss keys in a step whose groups were all dropped by grpo.filter_groups; ``val/...`` keys every
     ``train.eval_every`` steps and at the end), checkpoints under ``output_dir/checkpoints``
     and the final adapter.
     """
