@@ -13,9 +13,9 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
    rewards are kept or ``grpo.max_draws`` rounds are drawn; the decision is taken on the rewards
    of every rank, and each rank trains on its share of the kept groups (:func:`share_groups`).
 2. Push the policy into the rollout engine and check its weight version moved.
-3. Sample G = ``grpo.group_size`` responses per prompt, with the engine's per-token log-probs. Seeds come from (train.seed, step) and the
-   GLOBAL prompt index, so one process and N processes draw the same samples (see
-   :func:`generate_groups`).
+3. Sample G = ``grpo.group_size`` responses per prompt, with the engine's per-token log-probs.
+   Seeds come from (train.seed, step) and the GLOBAL prompt index, so one process and N
+   processes draw the same samples (see :func:`generate_groups`).
 4. Reward = sample F1 of the parsed codes against the full gold set (0 without a span); other
    rewards (F-beta, class-balanced F1, the release's fallback, a missed-code bonus, a user
    function) through ``grpo.reward`` (:func:`minicd.algo.reward.make_reward`), each given a
@@ -506,8 +506,9 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     truncation_rate, response_tokens, rollout_prompts_rank_max, grad_norm, lr, time_gen_s,
     time_logp_s, time_update_s, step_time_s, tokens_per_s, epoch, prompts_drawn,
     prompts_kept; mismatch_abs_logp, mismatch_out_frac, tis_clip_frac when the engine returns
-    log-probs; no loss keys in a step whose groups were all dropped by grpo.filter_groups; ``val/...`` keys every
-    ``train.eval_every`` steps and at the end), checkpoints under ``output_dir/checkpoints``
+    log-probs; no loss keys in a step whose groups were all dropped by grpo.filter_groups;
+    ``val/...`` keys every ``train.eval_every`` steps and at the end), checkpoints under
+    ``output_dir/checkpoints``
     and the final adapter.
     """
     t = cfg.validate("grpo").train
