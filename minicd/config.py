@@ -156,6 +156,14 @@ class GRPOConfig:
     loss: Literal["clip", "cispo"] = "clip"  # clip: Eq. 2 (paper); cispo: sg(clipped ratio) A logp
     mask_truncated: bool = False       # leave responses cut at rollout.max_new_tokens out of the
                                        #   loss (DAPO's overlong filtering; paper, release: off)
+    filter_groups: bool = False        # DAPO dynamic sampling: drop groups whose G rewards are all
+                                       #   equal, draw further rounds of B prompts until B groups
+                                       #   are kept (paper, release: off; docs/grpo_variants.md)
+    max_draws: int = 3                 # with filter_groups: the most draw ROUNDS of B prompts per
+                                       #   step (1 = no refill; DAPO/verl max_num_gen_batches)
+    tis_cap: float | None = None       # truncated importance sampling: weight each token's loss by
+                                       #   min(exp(old_logp - rollout_logp), tis_cap) (paper,
+                                       #   release: off; verl/TRL use 2)
     epochs: float = 1.0
     updates_per_batch: int = 1
     reward: str = "f1"                 # f1 (paper) | fbeta:<beta> | weighted_f1[:<default_weight>]
@@ -184,6 +192,9 @@ class GRPOConfig:
         _need(self.epochs > 0, "grpo.epochs", self.epochs, "> 0")
         _need(self.loss != "cispo" or self.dual_clip is None, "grpo.dual_clip", self.dual_clip,
               "unset with grpo.loss = \"cispo\" (the dual clip bounds the clip loss only)")
+        _at_least_one("grpo.max_draws", self.max_draws)
+        _need(self.tis_cap is None or self.tis_cap >= 1, "grpo.tis_cap", self.tis_cap,
+              ">= 1 or unset (off; verl/TRL use 2)")
         parse_reward_spec(self.reward, check=True)
 
 

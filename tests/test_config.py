@@ -125,6 +125,9 @@ def test_every_shipped_preset_loads():
     ("grpo.advantage=ppo", r"grpo\.advantage = 'ppo': expected one of grpo, dr_grpo, rloo"),
     ("grpo.ratio_level=group", r"grpo\.ratio_level = 'group': expected one of token, sequence"),
     ("grpo.loss=ppo", r"grpo\.loss = 'ppo': expected one of clip, cispo"),
+    ("grpo.tis_cap=0.5", r"grpo\.tis_cap = 0\.5: must be >= 1 or unset"),
+    ("grpo.max_draws=0", r"grpo\.max_draws = 0: must be >= 1"),
+    ("grpo.filter_groups=2", r"grpo\.filter_groups: expected true or false"),
     ("grpo.agg=sum", r"grpo\.agg = 'sum': expected one of token-mean, seq-mean, "
                      r"seq-mean-token-sum-norm"),
     ("grpo.adv_std=none", r"unknown key\(s\) grpo\.adv_std; valid keys here: .*advantage"),

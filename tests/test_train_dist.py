@@ -131,15 +131,7 @@ def test_sft_two_ranks_match_one_process(assets, sft_single):
     assert diff <= TOL
 
 
-@pytest.mark.distributed
-def test_grpo_two_ranks_match_one_process(assets, sft_single, tmp_path, monkeypatch):
-    """GRPO from the SFT adapter (init_mode continue: the reference is the base model, so the KL
-    term is nonzero from step 1), torch engine, 2 prompts x 4 samples per step. The barely
-    trained model never writes a <code> span, so the sample-F1 reward would be 0 everywhere: a
-    test reward (distinct words / 8, tests/reward_fns.py) keeps the policy-gradient term live."""
-    monkeypatch.syspath_prepend(str(REPO))
-    config = tmp_path / "grpo.toml"
-    config.write_text(assets["sft_config"].read_text() + f"""
+GRPO_TOML = """
 [grpo]
 group_size = 4
 prompts_per_step = 2
@@ -149,7 +141,18 @@ reward = "tests.reward_fns:distinct_words"
 [rollout]
 engine = "torch"
 max_new_tokens = 8
-""")
+"""
+
+
+@pytest.mark.distributed
+def test_grpo_two_ranks_match_one_process(assets, sft_single, tmp_path, monkeypatch):
+    """GRPO from the SFT adapter (init_mode continue: the reference is the base model, so the KL
+    term is nonzero from step 1), torch engine, 2 prompts x 4 samples per step. The barely
+    trained model never writes a <code> span, so the sample-F1 reward would be 0 everywhere: a
+    test reward (distinct words / 8, tests/reward_fns.py) keeps the policy-gradient term live."""
+    monkeypatch.syspath_prepend(str(REPO))
+    config = tmp_path / "grpo.toml"
+    config.write_text(assets["sft_config"].read_text() + GRPO_TOML)
     init = [f"lora.init_adapter={json.dumps(str(sft_single / 'adapter'))}",
             'lora.init_mode="continue"', "train.max_steps=2", "train.micro_batch_size=4",
             # greedy validation of 5 records in chunks of 2: rank 0 decodes 3, rank 1 decodes 2
@@ -183,6 +186,44 @@ max_new_tokens = 8
     print(f"grpo loss 1 proc {[r['loss'] for r in one]}; 2 ranks {[r['loss'] for r in two]}; "
           f"reward_mean {[r['reward_mean'] for r in one]}; adapter max |diff| {diff:.3g}")
     assert diff <= TOL
+
+
+@pytest.mark.distributed
+def test_grpo_dynamic_sampling_and_tis_two_ranks_match_one_process(assets, sft_single, tmp_path,
+                                                                   monkeypatch):
+    """DAPO dynamic sampling and TIS on the torch engine's log-probs: 2 ranks == one process.
+
+    Under tests.reward_fns:distinct_words_short_gold only records with <= 2 gold codes give
+    groups with unequal rewards. The fixture's 16 training records hold [4, 3, 3, 5, 3, 2, 4, 4,
+    2, 1, 1, 4, 3, 2, 2, 3] codes; the three draw rounds of step 1 hold [3, 4], [3, 4], [2, 4]
+    codes and those of step 2 [5, 1], [4, 3], [4, 3]: each step draws 6 prompts and keeps 1
+    group (from round 3, then round 1), so rank 1's share is a padding copy out of the loss."""
+    monkeypatch.syspath_prepend(str(REPO))
+    config = tmp_path / "grpo.toml"
+    grpo_toml = GRPO_TOML.replace("distinct_words", "distinct_words_short_gold").replace(
+        "[rollout]", "filter_groups = true\nmax_draws = 3\ntis_cap = 2.0\n[rollout]")
+    config.write_text(assets["sft_config"].read_text() + grpo_toml)
+    init = [f"lora.init_adapter={json.dumps(str(sft_single / 'adapter'))}",
+            'lora.init_mode="continue"', "train.max_steps=2", "train.micro_batch_size=4",
+            "data.val_limit=0"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_grpo(load_config(config, [f"train.output_dir={json.dumps(str(single))}", *init]))
+    _torchrun("--stage", "grpo", "--config", str(config), f"train.output_dir={multi}", *init)
+    one, two = read_metrics(single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    print("dapo+tis drawn/kept", [(r["prompts_drawn"], r["prompts_kept"]) for r in one],
+          "mismatch", [r["mismatch_abs_logp"] for r in one])
+    assert [(r["prompts_drawn"], r["prompts_kept"]) for r in one] == [(6, 1), (6, 1)]
+    assert one[0]["loss"] != 0.0 and one[0]["kl"] > 1e-4  # a real loss to compare
+    for a, b in zip(one, two):
+        assert (a["prompts_drawn"], a["prompts_kept"]) == (b["prompts_drawn"], b["prompts_kept"])
+        # the torch engine's log-probs are the trainer's up to float rounding
+        assert a["mismatch_abs_logp"] < 1e-4 and b["mismatch_abs_logp"] < 1e-4
+        assert b["response_tokens"] == a["response_tokens"] > 0
+        for key in ("reward_mean", "loss", "pg_loss", "kl", "entropy", "mismatch_out_frac"):
+            assert abs(a[key] - b[key]) <= TOL, (a["step"], key, a[key], b[key])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"])
+    assert _max_adapter_diff(_adapter(single), _adapter(multi)) <= TOL
 
 
 @pytest.mark.distributed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -445,6 +446,9 @@ def test_cli_grpo_with_torch_engine(assets, tmp_path):
     assert start["step"] == 0 and "reward_mean" not in start and "val/micro_f1" in start
     assert STEP_KEYS <= set(row) and 0.0 <= row["val/micro_f1"] <= 1.0
     assert row["kl"] == 0.0  # zero-initialised B: real rollouts, reference == policy
+    # the torch engine's log-probs (stop token included) are the trainer's: no mismatch
+    assert row["mismatch_abs_logp"] < 1e-4 and row["mismatch_out_frac"] == 0.0
+    assert row["tis_clip_frac"] == 0.0
     assert 1 <= row["response_len_mean"] <= 6 and row["response_tokens"] > 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     note = assets["train"][0].note
@@ -565,3 +569,195 @@ def test_update_reads_statistics_once_whatever_the_micro_batching(assets, monkey
     in_loop = {k: v for k, v in six.items() if k.startswith("train/grpo.py")}
     assert sum(in_loop.values()) == 2, in_loop   # token counts, then all statistics
     assert sum(six.values()) == sum(one.values()), (one, six)
+
+
+# ------------------------------------------------------------------ DAPO dynamic sampling
+def test_draw_rounds_are_disjoint_and_deterministic():
+    rounds = grpo.draw_prompt_indices(12, 2, seed=0, step=3, rounds=3)
+    assert rounds[0] == grpo.step_prompt_indices(12, 2, 0, 3)
+    # round d >= 1: the first B records of default_rng([seed, step, d]).permutation not drawn yet
+    used, expected = set(rounds[0]), [rounds[0]]
+    for d in (1, 2):
+        perm = np.random.default_rng([0, 3, d]).permutation(12).tolist()
+        expected.append([i for i in perm if i not in used][:2])
+        used |= set(expected[-1])
+    assert rounds == expected and len(used) == 6
+    assert grpo.draw_prompt_indices(12, 2, seed=0, step=3, rounds=3) == rounds
+    assert grpo.draw_prompt_indices(12, 2, seed=1, step=3, rounds=3) != rounds
+    assert grpo.draw_prompt_indices(12, 2, seed=0, step=3, rounds=1) == rounds[:1]
+    assert len(grpo.draw_prompt_indices(5, 2, seed=0, step=0, rounds=3)) == 2  # 1 record left
+    assert grpo.keep_groups([[1, 1], [0, 1], [2, 2], [1, 0], [0, 3]], 2) == [1, 3]
+
+
+def test_share_groups_pads_ranks_to_equal_shares():
+    groups = ["g0", "g1", "g2"]
+    assert grpo.share_groups(groups, 0, 2) == (["g0", "g1"], 0)
+    assert grpo.share_groups(groups, 1, 2) == (["g2", "g2"], 1)
+    assert grpo.share_groups(groups, 0, 1) == (groups, 0)
+    assert grpo.share_groups(["g0"], 1, 4) == (["g0"], 1)
+
+
+class FlatEngine(PoolEngine):
+    """Sample s of a prompt gets pool[s] (rewards differ within the group under distinct_words),
+    except prompts in ``flat``: every sample gets pool[0] (a group of equal rewards)."""
+
+    def __init__(self, tok, pool, flat=(), logprobs=None):
+        super().__init__(tok, pool)
+        self.flat, self.logprobs = {tuple(p) for p in flat}, logprobs
+
+    def generate(self, prompts, params):
+        self.calls.append((len(prompts), params.seed))
+        out = []
+        for i, p in enumerate(prompts):
+            row = []
+            for s in range(params.n):
+                text = self.pool[0 if tuple(p) in self.flat else s % len(self.pool)]
+                ids = self.tok.encode(text) + [self.tok.im_end_id]
+                lp = None if self.logprobs is None else self.logprobs(len(ids))
+                row.append(Generation(i, s, ids, text, "stop", lp))
+            out.append(row)
+        return out
+
+
+def _flat_engine(monkeypatch, assets, **kw):
+    engines = []
+
+    def build(cfg, model, tok, lora_cfg, **kwargs):
+        engines.append(FlatEngine(tok, assets["pool"], **kw))
+        return engines[-1]
+
+    monkeypatch.setattr(inference, "build_engine", build)
+    return engines
+
+
+def _prompt(assets, i):
+    return prompt_ids(assets["train"][i], assets["tok"], load_config(assets["config"]).data)
+
+
+def test_dynamic_sampling_refills_in_order(assets, tmp_path, monkeypatch):
+    """B = 2: round 0 = records [a, b], round 1 = [c, d]; a and c give flat groups, so the step
+    trains on b's group then d's (global prompt indices 1 and 3), drawn 4 and kept 2."""
+    monkeypatch.syspath_prepend(str(REPO))
+    (a, b), (c, d), _ = grpo.draw_prompt_indices(12, 2, 0, 0, 3)
+    engines = _flat_engine(monkeypatch, assets, flat=[_prompt(assets, a), _prompt(assets, c)])
+    seen = []
+    update = grpo.grpo_update
+
+    def spy(model, optimizer, batch, g, **kw):
+        seen.append(batch)
+        return update(model, optimizer, batch, g, **kw)
+
+    monkeypatch.setattr(grpo, "grpo_update", spy)
+    out = tmp_path / "dyn"
+    grpo.run_grpo(_cfg(assets, out, "train.max_steps=1", "grpo.filter_groups=true",
+                       "grpo.max_draws=3", 'grpo.reward="tests.reward_fns:distinct_words"'))
+    seed = grpo.rollout_seed(0, 0)
+    # round d's prompts are global prompts 2d, 2d + 1: seeds seed + 2d * G
+    assert engines[0].calls == [(2, seed), (2, seed + 2 * 4)]
+    (batch,) = seen
+    assert batch.prompts == [_prompt(assets, b)] * 4 + [_prompt(assets, d)] * 4
+    words = [len(set(t.split())) / 8 for t in assets["pool"][:4]]           # pool[s] per sample
+    adv = (torch.tensor(words) - np.mean(words)) / (torch.tensor(words).std() + 1e-6)
+    torch.testing.assert_close(batch.advantages, torch.cat([adv, adv]).float(), rtol=0,
+                               atol=1e-6)
+    assert batch.keep is None and batch.pad_rows == 0
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert (row["prompts_drawn"], row["prompts_kept"]) == (4, 2)
+    # the statistics cover every drawn group: 2 of the 4 are flat
+    assert row["zero_var_frac"] == 0.5
+    assert row["reward_mean"] == pytest.approx((2 * 4 * words[0] + 2 * sum(words)) / 16)
+
+
+def test_dynamic_sampling_trains_on_what_it_kept_or_skips(assets, tmp_path, monkeypatch):
+    """max_draws = 2 rounds and only d's group varies: one group trained on; every group flat:
+    no update (the adapter keeps its initial zero B), logged as drawn 4, kept 0."""
+    monkeypatch.syspath_prepend(str(REPO))
+    (a, b), (c, d) = grpo.draw_prompt_indices(12, 2, 0, 0, 2)
+    flat = [_prompt(assets, i) for i in (a, b, c)]
+    _flat_engine(monkeypatch, assets, flat=flat)
+    seen = []
+    update = grpo.grpo_update
+    monkeypatch.setattr(grpo, "grpo_update",
+                        lambda *args, **kw: seen.append(args[2]) or update(*args, **kw))
+    reward = 'grpo.reward="tests.reward_fns:distinct_words"'
+    out = tmp_path / "one_kept"
+    grpo.run_grpo(_cfg(assets, out, "train.max_steps=1", "grpo.filter_groups=true",
+                       "grpo.max_draws=2", reward))
+    assert [b.prompts for b in seen] == [[_prompt(assets, d)] * 4]
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert (row["prompts_drawn"], row["prompts_kept"]) == (4, 1) and "loss" in row
+
+    _flat_engine(monkeypatch, assets, flat=flat + [_prompt(assets, d)])
+    seen.clear()
+    out = tmp_path / "none_kept"
+    grpo.run_grpo(_cfg(assets, out, "train.max_steps=1", "grpo.filter_groups=true",
+                       "grpo.max_draws=2", reward))
+    assert seen == []
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert (row["prompts_drawn"], row["prompts_kept"]) == (4, 0) and "loss" not in row
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(float(v.abs().max()) == 0.0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_default_draws_one_round(assets, pool_engine, tmp_path):
+    out = tmp_path / "default"
+    grpo.run_grpo(_cfg(assets, out, "train.max_steps=1"))
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert (row["prompts_drawn"], row["prompts_kept"]) == (2, 2)
+    assert len(pool_engine[0].calls) == 1
+    assert "mismatch_abs_logp" not in row  # the scripted engine returns no log-probs
+
+
+# ------------------------------------------------------------------ TIS
+def _rollout_lp(n: int) -> list[float]:
+    """Known engine log-probs: alternately far below (ratio at the cap) and above the model's."""
+    return [-30.0 if t % 2 == 0 else 0.0 for t in range(n)]
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_tis_weights_reach_the_loss(assets, tmp_path, monkeypatch, cap):
+    """is_weights = min(exp(old - rollout), C) on every token (old = the trainer's log-probs
+    with one update per batch); with tis_cap unset the loss gets none, but the mismatch is
+    logged either way: mean |old - rollout| and the share outside [0.9, 1.1] over all tokens."""
+    monkeypatch.syspath_prepend(str(REPO))
+    _flat_engine(monkeypatch, assets, logprobs=_rollout_lp)
+    calls = []
+    real = grpo.policy_loss
+
+    def spy(logp, old_logp, ref_logp, adv, mask, *args, **kw):
+        calls.append((old_logp.clone(), mask.clone(), kw["is_weights"]))
+        return real(logp, old_logp, ref_logp, adv, mask, *args, **kw)
+
+    monkeypatch.setattr(grpo, "policy_loss", spy)
+    out = tmp_path / "tis"
+    extra = [f"grpo.tis_cap={cap}"] if cap is not None else []
+    grpo.run_grpo(_cfg(assets, out, "train.max_steps=1",
+                       'grpo.reward="tests.reward_fns:distinct_words"', *extra))
+    assert len(calls) == 3  # 8 rows in micro-batches of 3
+    diffs, outside, clipped = [], [], []
+    for old, mask, w in calls:
+        rollout = torch.tensor([[(-30.0 if t % 2 == 0 else 0.0) for t in range(mask.shape[1])]])
+        d = old - rollout                                                # [b, R]
+        if cap is None:
+            assert w is None
+        else:
+            expected = torch.minimum(torch.exp(d), torch.tensor(cap))
+            torch.testing.assert_close(w[mask.bool()], expected[mask.bool()], rtol=1e-6,
+                                       atol=0)
+        m = mask.bool()
+        diffs += d[m].abs().tolist()
+        ratio = torch.exp(d[m])
+        outside += ((ratio < 0.9) | (ratio > 1.1)).tolist()
+        clipped += (ratio > (cap or math.inf)).tolist()
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert row["mismatch_abs_logp"] == pytest.approx(np.mean(diffs), rel=1e-6)
+    assert row["mismatch_out_frac"] == pytest.approx(np.mean(outside), abs=1e-6)
+    assert row["tis_clip_frac"] == pytest.approx(np.mean(clipped), abs=1e-6)
+    # every token: -30 and 0 are far from the tiny model's log-probs
+    assert row["mismatch_out_frac"] == pytest.approx(1.0, abs=1e-6)
+    assert row["tis_clip_frac"] == 0.0 if cap is None else row["tis_clip_frac"] >= 0.5
+
+
+def test_tis_cap_needs_engine_logprobs(assets, pool_engine, tmp_path):
+    with pytest.raises(ConfigError, match="grpo.tis_cap = 2.0: the rollout engine returned no"):
+        grpo.run_grpo(_cfg(assets, tmp_path / "nolp", "train.max_steps=1", "grpo.tis_cap=2"))

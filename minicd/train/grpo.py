@@ -8,11 +8,14 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
    epoch])``, so it depends only on (seed, step): resuming needs nothing but the step. Each
    record's prompt comes from a ``build_prompt(record, step, global_index)`` hook (default: the
    hint-free coding prompt); PHI passes one that renders hinted prompts. All G rollouts of a
-   prompt share it.
+   prompt share it. With ``grpo.filter_groups`` (DAPO dynamic sampling) steps 1, 3 and 4 repeat
+   in draw rounds of B further records (:func:`draw_prompt_indices`) until B groups with unequal
+   rewards are kept or ``grpo.max_draws`` rounds are drawn; the decision is taken on the rewards
+   of every rank, and each rank trains on its share of the kept groups (:func:`share_groups`).
 2. Push the policy into the rollout engine and check its weight version moved.
-3. Sample G = ``grpo.group_size`` responses per prompt. Seeds come from (train.seed, step) and the
-   GLOBAL prompt index, so one process and N processes draw the same samples (see
-   :func:`generate_groups`).
+3. Sample G = ``grpo.group_size`` responses per prompt, with the engine's per-token log-probs.
+   Seeds come from (train.seed, step) and the GLOBAL prompt index, so one process and N
+   processes draw the same samples (see :func:`generate_groups`).
 4. Reward = sample F1 of the parsed codes against the full gold set (0 without a span); other
    rewards (F-beta, class-balanced F1, the release's fallback, a missed-code bonus, a user
    function) through ``grpo.reward`` (:func:`minicd.algo.reward.make_reward`), each given a
@@ -20,7 +23,8 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
 5. Group advantages (Eq. 1, or ``grpo.advantage``); old log-probs (the detached current ones
    with one update per batch, else recomputed once before the updates); reference log-probs
    under ``disable_adapters``. Responses cut at max_new_tokens leave the loss with
-   ``grpo.mask_truncated``.
+   ``grpo.mask_truncated``. The engine's log-probs give the mismatch statistics and, with
+   ``grpo.tis_cap``, truncated importance weights.
 6. Clipped objective + beta x KL (Eq. 2) per micro-batch, rescaled so the loss is the token mean
    over the GLOBAL batch (all micro-batches and ranks); backward; clip; AdamW step (constant lr).
 7. Log, validate greedily every ``train.eval_every`` steps, checkpoint every ``train.save_every``
@@ -34,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +49,7 @@ import torch
 from torch import nn
 
 from minicd import dist
-from minicd.algo.grpo import group_advantages, policy_loss
+from minicd.algo.grpo import group_advantages, policy_loss, tis_weights
 from minicd.algo.logprobs import model_token_logprobs, shared_prefix_logprobs
 from minicd.algo.reward import RewardContext, code_frequencies, make_reward
 from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
@@ -77,6 +82,35 @@ def step_prompt_indices(n_records: int, prompts_per_step: int, seed: int, step: 
     epoch, index = divmod(step, steps_per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n_records)
     return perm[index * prompts_per_step:(index + 1) * prompts_per_step].tolist()
+
+
+def draw_prompt_indices(n_records: int, prompts_per_step: int, seed: int, step: int,
+                        rounds: int) -> list[list[int]]:
+    """The records of each draw round of ``step`` (DAPO dynamic sampling, ``grpo.filter_groups``):
+    up to ``rounds`` lists of B = ``prompts_per_step`` global record indices, deterministic in
+    (seed, step).
+
+    Round 0 is :func:`step_prompt_indices` (the step's own records). Round d >= 1 takes the first
+    B records of ``default_rng([seed, step, d]).permutation(n_records)`` that no earlier round of
+    the step drew, so a step never draws a record twice; such extra records may also be drawn by
+    another step of the epoch. Rounds stop early when fewer than B undrawn records are left.
+    """
+    out = [step_prompt_indices(n_records, prompts_per_step, seed, step)]
+    used = set(out[0])
+    for d in range(1, rounds):
+        if n_records - len(used) < prompts_per_step:
+            break
+        perm = np.random.default_rng([seed, step, d]).permutation(n_records)
+        out.append([int(i) for i in perm if i not in used][:prompts_per_step])
+        used.update(out[-1])
+    return out
+
+
+def keep_groups(group_rewards: Sequence[Sequence[float]], want: int) -> list[int]:
+    """DAPO's filter: positions of the groups, in order, whose rewards are not all equal (a flat
+    group has zero advantages: no signal), at most ``want`` of them."""
+    kept = [i for i, r in enumerate(group_rewards) if max(r) != min(r)]
+    return kept[:want]
 
 
 def rank_shard(n_prompts: int, rank: int, world: int) -> range:
@@ -120,6 +154,65 @@ def generate_groups(engine, prompts: Sequence[Sequence[int]], first: int,
 
 # ------------------------------------------------------------------ 4. reward
 # The rewards live in minicd.algo.reward (``make_reward`` is importable from here too).
+@dataclass
+class Rollout:
+    """One prompt's group: its G samples, their rewards and parsed codes, the record's gold."""
+
+    prompt: list[int]
+    gens: list[Generation]
+    rewards: list[float]
+    parsed: list[ParsedCodes]
+    gold: tuple[str, ...]
+
+
+def sample_groups(engine, records: Sequence[Record], shard: range, first: int, step: int,
+                  build_prompt: PromptBuilder, reward_fn, reward_context, params: SamplingParams,
+                  seed: int) -> list[Rollout]:
+    """Steps 1, 3, 4 for one draw round: this rank's ``shard`` of the round's B ``records``
+    (global prompt indices ``first + j``): prompts, G samples each (:func:`generate_groups`),
+    rewards."""
+    prompts = [build_prompt(records[j], step, first + j) for j in shard]
+    groups = generate_groups(engine, prompts, first + shard.start, params, seed)
+    out = []
+    for j, p, gens in zip(shard, prompts, groups):
+        rec, context = records[j], reward_context(records[j])
+        scored = [reward_fn(x.text, rec.codes, context) for x in gens]
+        out.append(Rollout(list(p), list(gens), [r for r, _ in scored], [c for _, c in scored],
+                           rec.codes))
+    return out
+
+
+def share_groups(groups: list[Rollout], rank: int, world: int) -> tuple[list[Rollout], int]:
+    """This rank's contiguous share of the K kept ``groups`` (global order) and how many of its
+    groups are padding: K is padded to a multiple of ``world`` with copies of the last group,
+    trained with keep 0 (out of the loss), so every rank runs the same number of micro-batches
+    (FSDP2 lockstep) and the loss equals one process's on the K groups."""
+    per = -(-len(groups) // world)
+    padded = groups + groups[-1:] * (per * world - len(groups))
+    mine = padded[rank * per:(rank + 1) * per]
+    return mine, max(0, (rank + 1) * per - len(groups)) - max(0, rank * per - len(groups))
+
+
+def rollout_batch(groups: list[Rollout], group_size: int, g: GRPOConfig,
+                  pad_rows: int = 0) -> RolloutBatch:
+    """Step 5's inputs: rows group by group, advantages (Eq. 1 or ``grpo.advantage``), keep
+    (``grpo.mask_truncated``; 0 on the last ``pad_rows`` rows) and the engine's log-probs (None
+    when the engine returned none)."""
+    gens = [x for r in groups for x in r.gens]                                    # [N]
+    rewards = torch.tensor([v for r in groups for v in r.rewards])                # [N]
+    advantages = group_advantages(rewards, group_size, g.advantage)               # [N]
+    keep = None
+    if g.mask_truncated or pad_rows:
+        keep = torch.tensor([not (g.mask_truncated and x.finish_reason == "length")
+                             for x in gens], dtype=torch.float32)                 # [N]
+        if pad_rows:
+            keep[len(gens) - pad_rows:] = 0.0
+            advantages[len(gens) - pad_rows:] = 0.0
+    logprobs = None
+    if all(x.logprobs is not None for x in gens):
+        logprobs = [list(x.logprobs) for x in gens]
+    return RolloutBatch([r.prompt for r in groups for _ in range(group_size)],
+                        [x.token_ids for x in gens], advantages, keep, logprobs, pad_rows)
 
 
 # ------------------------------------------------------------------ 5-6. log-probs and update
@@ -132,6 +225,9 @@ class RolloutBatch:
     responses: list[list[int]]
     advantages: torch.Tensor  # [N]
     keep: torch.Tensor | None = None  # [N] 0 for rows left out of the loss (grpo.mask_truncated)
+    # the engine's per-token log-probs of each response (aligned with its tokens), or None
+    rollout_logprobs: list[list[float]] | None = None
+    pad_rows: int = 0  # trailing rows that only pad a rank's share (keep 0; grpo.filter_groups)
 
 
 def collate_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
@@ -177,6 +273,7 @@ class MicroBatch:
     shared: bool
     pad_id: int
     rows: tuple[torch.Tensor, torch.Tensor] | None = None  # not shared: collated ids, attention
+    rollout_logp: torch.Tensor | None = None  # [b, R] the engine's log-probs (0 on padding)
 
     def logprobs(self, model: nn.Module, with_entropy: bool = False):
         """Log-probs ``[b, R]`` (and entropies) of the responses under ``model``."""
@@ -209,14 +306,23 @@ def micro_batches(batch: RolloutBatch, micro_batch_size: int, pad_id: int, *, sh
             rows = (ids.to(device), attn.to(device))
         if batch.keep is not None:  # rows left out of the loss (grpo.mask_truncated)
             mask = mask * batch.keep[s:s + micro_batch_size].to(mask.dtype).unsqueeze(1)
+        rollout_logp = None
+        if batch.rollout_logprobs is not None:  # [b, R] aligned with the response tokens
+            rollout_logp = torch.zeros(mask.shape)
+            for i, lp in enumerate(batch.rollout_logprobs[s:s + micro_batch_size]):
+                rollout_logp[i, :len(lp)] = torch.as_tensor(lp, dtype=torch.float32)
+            rollout_logp = rollout_logp.to(device)
         out.append(MicroBatch(prompts, responses, owner, mask.to(device),
                               batch.advantages[s:s + micro_batch_size].to(device), shared, pad_id,
-                              rows))
+                              rows, rollout_logp))
     return out
 
 
 STAT_KEYS = ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
              "approx_kl_old", "ratio_mean", "entropy")
+# logged when the engine returned its log-probs (tis_weights): mean |old - rollout logp|, share of
+# tokens with exp(old - rollout) outside [0.9, 1.1], share held at grpo.tis_cap
+MISMATCH_KEYS = ("mismatch_abs_logp", "mismatch_out_frac", "tis_clip_frac")
 
 
 def _as_stat(value, device) -> torch.Tensor:
@@ -242,11 +348,27 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
     grad_norm (of the last update), time_logp_s and time_update_s. Gradients of the last update
     stay in ``.grad``.
 
+    Rollout/trainer mismatch: when ``batch.rollout_logprobs`` is set, the engine's log-probs are
+    compared with the old log-probs (the trainer's, of the weights that sampled) and
+    ``MISMATCH_KEYS`` are returned too; with ``g.tis_cap`` = C each token's policy-gradient loss
+    is weighted by min(exp(old_logp - rollout_logp), C) (:func:`tis_weights`, ``is_weights=``).
+    ``batch.pad_rows`` trailing rows (keep 0) only pad this rank's share: they are left out of
+    every count, Dr. GRPO's row count included.
+
     One host sync per call for the statistics: they stay device tensors, summed over
     micro-batches, and are reduced over ranks and read back once at the end (token counts come
     from the response lengths and ``batch.keep``, known on the host).
     """
     world = dist.get_world_size()
+    if g.tis_cap is not None and batch.rollout_logprobs is None:
+        raise ConfigError(f"grpo.tis_cap = {g.tis_cap}: the rollout engine returned no per-token "
+                          "log-probs; use an engine that does (torch, vllm) or unset grpo.tis_cap")
+    if batch.rollout_logprobs is not None:
+        for r, lp in zip(batch.responses, batch.rollout_logprobs):
+            if lp is None or len(lp) != len(r):
+                raise RuntimeError(f"rollout log-probs ({None if lp is None else len(lp)}) not "
+                                   f"aligned with the {len(r)} response tokens")
+    keys = STAT_KEYS + (MISMATCH_KEYS if batch.rollout_logprobs is not None else ())
     mbs = micro_batches(batch, micro_batch_size, pad_id, shared=g.shared_prefix, device=device)
     keep = batch.keep.tolist() if batch.keep is not None else [1.0] * len(batch.responses)
     row_tokens = [len(r) * k for r, k in zip(batch.responses, keep)]      # host: no sync
@@ -258,8 +380,9 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
         rows = [float(len(row_tokens[s:s + micro_batch_size])) for s in starts]
     if norm_len is None:
         norm_len = max(len(r) for r in batch.responses)
+    real_rows = sum(rows) - (batch.pad_rows if g.agg == "seq-mean-token-sum-norm" else 0)
     global_tokens, global_rows = (max(float(x), 1.0) for x in dist.all_reduce_sum(
-        torch.tensor([sum(tokens), sum(rows)], dtype=torch.float64)).tolist())
+        torch.tensor([sum(tokens), real_rows], dtype=torch.float64)).tolist())
     # share of the global loss each micro-batch's own mean stands for (x world: FSDP averages)
     agg_counts, agg_total = (tokens, global_tokens) if g.agg == "token-mean" else (rows, global_rows)
     weights = [c / agg_total * world for c in agg_counts]
@@ -277,7 +400,7 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
 
     t0 = time.perf_counter()
     for update in range(g.updates_per_batch):
-        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in STAT_KEYS}
+        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
         optimizer.zero_grad(set_to_none=True)
         for k, m in enumerate(mbs):
             mask, adv = m.mask, m.advantages
@@ -285,9 +408,17 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
                 model.set_requires_gradient_sync(k == len(mbs) - 1)
             logp, entropy = m.logprobs(model, with_entropy=True)  # [b, R]
             old_logp = logp.detach() if old[k] is None else old[k]
+            is_weights = None
+            if m.rollout_logp is not None:  # engine vs trainer (TIS weights only with tis_cap)
+                cap = g.tis_cap if g.tis_cap is not None else math.inf
+                w, mismatch = tis_weights(old_logp, m.rollout_logp, cap, mask)
+                is_weights = w if g.tis_cap is not None else None
+                for key in MISMATCH_KEYS:
+                    sums[key] += _as_stat(mismatch[key], device) * tok_share[k]
             loss, stats = policy_loss(logp, old_logp, ref[k], adv, mask, g.clip_low, g.clip_high,
                                       g.kl_coef, g.kl_kind, g.agg, g.dual_clip,
-                                      ratio_level=g.ratio_level, loss=g.loss, norm_len=norm_len)
+                                      ratio_level=g.ratio_level, loss=g.loss,
+                                      is_weights=is_weights, norm_len=norm_len)
             (loss * weights[k]).backward()
             sums["loss"] += _as_stat(loss, device) * (weights[k] / world)
             for key in ("pg_loss", "kl"):
@@ -300,9 +431,9 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
         optimizer.step()
     time_update = time.perf_counter() - t0
     # the one sync: every statistic summed over ranks in one all-reduce, read back in one copy
-    summed = dist.all_reduce_sum(torch.stack([sums[k] for k in STAT_KEYS]))
+    summed = dist.all_reduce_sum(torch.stack([sums[k] for k in keys]))
     values = torch.cat([summed, _as_stat(grad_norm, summed.device).reshape(1)]).tolist()
-    out = dict(zip(STAT_KEYS, values[:-1]))
+    out = dict(zip(keys, values[:-1]))
     out.update(grad_norm=values[-1], time_logp_s=time_logp, time_update_s=time_update)
     return out
 
@@ -374,8 +505,11 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     batch_micro_f1, zero_var_frac, span_rate, loss, pg_loss, kl, entropy, clip_frac_low,
     clip_frac_high, dual_clip_frac, approx_kl_old, ratio_mean, response_len_mean,
     truncation_rate, response_tokens, rollout_prompts_rank_max, grad_norm, lr, time_gen_s,
-    time_logp_s, time_update_s, step_time_s, tokens_per_s, epoch; ``val/...`` keys every
-    ``train.eval_every`` steps and at the end), checkpoints under ``output_dir/checkpoints``
+    time_logp_s, time_update_s, step_time_s, tokens_per_s, epoch, prompts_drawn,
+    prompts_kept; mismatch_abs_logp, mismatch_out_frac, tis_clip_frac when the engine returns
+    log-probs; no loss keys in a step whose groups were all dropped by grpo.filter_groups;
+    ``val/...`` keys every ``train.eval_every`` steps and at the end), checkpoints under
+    ``output_dir/checkpoints``
     and the final adapter.
     """
     t = cfg.validate("grpo").train
@@ -435,8 +569,11 @@ def _grpo_loop(cfg: Config, info: dist.DistInfo, policy: Policy, engine,
         build_prompt = default_prompt_builder(tok, cfg.data)
 
     optimizer = build_optimizer(model, g.lr, g.weight_decay)  # constant lr, as the release
+    # the engine's log-probs are always requested: they cost the torch engine one log_softmax
+    # per decode step and give the mismatch statistics (grpo.tis_cap uses them as weights)
     params = SamplingParams(n=G, temperature=ro.temperature, top_p=ro.top_p,
-                            max_new_tokens=ro.max_new_tokens, stop_ids=tok.stop_ids)
+                            max_new_tokens=ro.max_new_tokens, stop_ids=tok.stop_ids,
+                            return_logprobs=True)
     shard = rank_shard(B, info.rank, info.world_size)
     config_text = dump_config(cfg)
     step = 0
@@ -462,42 +599,59 @@ def _grpo_loop(cfg: Config, info: dist.DistInfo, policy: Policy, engine,
     with SigtermFlag() as flag:
         while step < total:
             t_step = time.perf_counter()
-            # 1. this step's B records (global order); this rank builds its shard's prompts
-            records = [train_recs[i] for i in step_prompt_indices(len(train_recs), B, t.seed, step)]
-            prompts = [build_prompt(records[j], step, j) for j in shard]
-            # 2. push the policy into the engine (woken first)
+            # 1-4. draw rounds of B records (one without grpo.filter_groups); this rank builds,
+            # samples and scores its shard of each round; the policy is pushed once per step
             sync_engine(engine, model)
-            # 3. G samples per prompt of this rank's shard, group by group
             t0 = time.perf_counter()
-            groups = generate_groups(engine, prompts, shard.start, params,
-                                     rollout_seed(t.seed, step))
+            rounds = draw_prompt_indices(len(train_recs), B, t.seed, step,
+                                         g.max_draws if g.filter_groups else 1)
+            drawn: list[Rollout] = []   # this rank's groups of every round (for the statistics)
+            kept: list[Rollout] = []    # the groups to train on (global order with filter_groups)
+            for d, indices in enumerate(rounds):
+                first = d * B  # global prompt index of the round's first prompt (seeds, hints)
+                local = sample_groups(engine, [train_recs[i] for i in indices], shard, first,
+                                      step, build_prompt, reward_fn, reward_context, params,
+                                      rollout_seed(t.seed, step))
+                drawn += local
+                if not g.filter_groups:
+                    kept = local
+                    break
+                # every rank sees every group of the round, so all take the same decision
+                every = [x for part in dist.all_gather_objects(local) for x in part]
+                kept += [every[i] for i in keep_groups([x.rewards for x in every], B - len(kept))]
+                if len(kept) == B:
+                    break
             engine.sleep()  # vLLM: free its memory for the training passes (rollout.sleep)
             time_gen = time.perf_counter() - t0
-            gens = [x for group in groups for x in group]                       # [N]
-            golds = [records[j].codes for j in shard for _ in range(G)]          # [N]
-            contexts = [reward_context(records[j]) for j in shard for _ in range(G)]  # [N]
-            # 4. rewards
-            scored = [reward_fn(x.text, gold, c) for x, gold, c in zip(gens, golds, contexts)]
-            rewards = [r for r, _ in scored]
+            prompts_drawn, prompts_kept = (d + 1) * B, len(kept)
+            pad_rows = 0
+            if g.filter_groups:  # this rank's share of the kept groups, padded to equal shares
+                kept, pad_groups = share_groups(kept, info.rank, info.world_size)
+                pad_rows = pad_groups * G
+            gens = [x for r in drawn for x in r.gens]                             # this rank's
+            rewards = [v for r in drawn for v in r.rewards]
+            parsed = [p for r in drawn for p in r.parsed]
+            golds = [r.gold for r in drawn for _ in range(G)]
             # 5-6. advantages (Eq. 1), log-probs, clipped objective (Eq. 2), optimizer step
-            advantages = group_advantages(torch.tensor(rewards), G, g.advantage)  # [N]
-            keep = (torch.tensor([x.finish_reason != "length" for x in gens], dtype=torch.float32)
-                    if g.mask_truncated else None)                               # [N]
-            batch = RolloutBatch([list(p) for p in prompts for _ in range(G)],
-                                 [x.token_ids for x in gens], advantages, keep)
             lr = optimizer.param_groups[0]["lr"]
-            upd = grpo_update(model, optimizer, batch, g, micro_batch_size=t.micro_batch_size,
-                              pad_id=tok.pad_id, device=info.device,
-                              norm_len=ro.max_new_tokens)
+            upd: dict = {}
+            if prompts_kept:  # every rank agrees (the keep decision is global)
+                upd = grpo_update(model, optimizer, rollout_batch(kept, G, g, pad_rows), g,
+                                  micro_batch_size=t.micro_batch_size, pad_id=tok.pad_id,
+                                  device=info.device, norm_len=ro.max_new_tokens)
+            elif info.is_main:
+                print(f"grpo step {step + 1}: all {prompts_drawn} drawn groups had equal rewards "
+                      f"(grpo.filter_groups); no update this step", file=sys.stderr)
             step += 1
             ran.append(step)
             # 7. log, validate, checkpoint
             dt = time.perf_counter() - t_step
-            stats = _batch_stats(gens, rewards, [p for _, p in scored], golds, G)
-            all_tokens = float(dist.all_reduce_sum(float(sum(len(p) for p in batch.prompts))))
+            stats = _batch_stats(gens, rewards, parsed, golds, G)
+            all_tokens = float(dist.all_reduce_sum(float(sum(len(r.prompt) * G for r in drawn))))
             last = {**stats, **upd, "lr": lr, "time_gen_s": time_gen, "step_time_s": dt,
                     "tokens_per_s": (all_tokens + stats["response_tokens"]) / max(dt, 1e-9),
-                    "epoch": step / steps_per_epoch}
+                    "epoch": step / steps_per_epoch, "prompts_drawn": prompts_drawn,
+                    "prompts_kept": prompts_kept}
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward_mean']:.3f}")
             stopped = end_step(cfg, step, total, last, model=model, tok=tok, val_recs=val_recs,
