@@ -41,6 +41,21 @@ def _chunk_stats(h: torch.Tensor, head: Head, targets: torch.Tensor, temperature
     return logp, entropy
 
 
+def _plain_weight(head: Head) -> torch.Tensor | None:
+    """The weight ``[V, H]`` of a head that is exactly ``h @ W.T`` (a tensor, or a plain
+    bias-free ``nn.Linear`` whose weight is a local tensor, e.g. gathered by FSDP2 during the
+    forward), else None: LoRA-wrapped heads and other callables take the generic path."""
+    if isinstance(head, torch.Tensor):
+        weight = head
+    elif type(head) is nn.Linear and head.bias is None:
+        weight = head.weight
+    else:
+        return None
+    if type(weight) not in (torch.Tensor, nn.Parameter):  # a DTensor shard, a fake tensor, ...
+        return None
+    return weight
+
+
 def _needs_grad(hidden: torch.Tensor, head: Head) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -53,12 +68,128 @@ def _needs_grad(hidden: torch.Tensor, head: Head) -> bool:
     return True
 
 
+def _softmax_stats(z: torch.Tensor, y: torch.Tensor, with_entropy: bool,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """From tempered fp32 logits ``z`` ``[n, V]`` (overwritten with log-softmax(z)):
+    log-probs of ``y`` ``[n]``, entropies ``[n]`` (or None) and probabilities ``p`` ``[n, V]``."""
+    z -= torch.logsumexp(z, dim=-1, keepdim=True)  # [n, V] log p
+    logp = z.gather(-1, y[:, None]).squeeze(-1)  # [n]
+    p = z.exp()  # [n, V]
+    ent = None
+    if with_entropy:  # H = -sum_v p_v log p_v, as a batched dot (no [n, V] product)
+        ent = -(p[:, None, :] @ z[:, :, None]).view(-1)  # [n]
+    return logp, ent, p
+
+
+def _dlogits(z: torch.Tensor, p: torch.Tensor, y: torch.Tensor, g_logp: torch.Tensor | None,
+             ent: torch.Tensor | None, g_ent: torch.Tensor | None) -> torch.Tensor:
+    """d(sum g_logp * logp + g_ent * H) / dz ``[n, V]``, written over ``p`` (and ``z`` = log p):
+    d logp_y / dz = onehot(y) - p; dH / dz = -p * (log p + H). ``g_logp=None`` means all ones."""
+    dz = p
+    if g_ent is not None:
+        z += ent[:, None]
+        z *= p
+        z *= -g_ent[:, None]  # [n, V] g_ent * dH/dz
+    if g_logp is None:
+        dz.neg_()
+        dz[torch.arange(dz.shape[0], device=dz.device), y] += 1.0
+    else:
+        dz *= -g_logp[:, None]
+        dz[torch.arange(dz.shape[0], device=dz.device), y] += g_logp
+    if g_ent is not None:
+        dz += z
+    return dz
+
+
+class _FusedTokenLogprobs(torch.autograd.Function):
+    """Chunked log-softmax-gather of ``h @ W.T / temperature`` with the gradient w.r.t. the
+    hidden states computed in the forward pass.
+
+    logp_t depends on h_t alone, so its gradient is one H-vector per token,
+    d logp_t / d h_t = (W[y_t] - softmax(z_t) W) / temperature, and the entropy's is
+    -(p_t * (log p_t + H_t)) W / temperature. The forward stores these ``[N, H]`` vectors and the
+    backward only scales them by the incoming gradients: no logits are kept or recomputed.
+    When the weight needs a gradient (full fine-tuning), its gradient needs the incoming
+    gradients, so the forward stores nothing vocabulary-sized and the backward recomputes each
+    chunk's logits once, giving both gradients from one ``d loss / d logits`` chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, y, temperature, with_entropy, chunk, grad_h, grad_w):
+        n_tok = h.shape[0]
+        logp = torch.empty(n_tok, dtype=torch.float32, device=h.device)  # [N]
+        ent = torch.empty(n_tok if with_entropy else 0, dtype=torch.float32, device=h.device)
+        store = grad_h and not grad_w
+        d_logp = torch.empty_like(h) if store else None  # [N, H] d logp / d h
+        d_ent = torch.empty_like(h) if store and with_entropy else None  # [N, H] d H / d h
+        for s in range(0, n_tok, chunk):
+            e = min(s + chunk, n_tok)
+            z = (h[s:e] @ weight.t()).float()  # [n, V]
+            if temperature != 1.0:
+                z /= temperature
+            lp, en, p = _softmax_stats(z, y[s:e], with_entropy)
+            logp[s:e] = lp
+            if with_entropy:
+                ent[s:e] = en
+            if not store:
+                continue
+            if with_entropy:  # entropy first: it reads p and log p before they are overwritten
+                z += en[:, None]
+                z *= p
+                z.neg_()
+                torch.mm(z.to(weight.dtype), weight, out=d_ent[s:e])
+            dz = _dlogits(z, p, y[s:e], None, None, None)
+            torch.mm(dz.to(weight.dtype), weight, out=d_logp[s:e])
+        if store and temperature != 1.0:
+            d_logp /= temperature
+            if with_entropy:
+                d_ent /= temperature
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        ctx.cfg = (temperature, with_entropy, chunk, grad_h, grad_w)
+        if store:
+            ctx.save_for_backward(d_logp, d_ent)
+        else:
+            ctx.save_for_backward(h, weight, y, ent if with_entropy else None)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        temperature, with_entropy, chunk, grad_h, grad_w = ctx.cfg
+        if not with_entropy:
+            g_ent = None
+        if not grad_w:  # scale the stored per-token vectors
+            d_logp, d_ent = ctx.saved_tensors
+            gh = d_logp * g_logp[:, None].to(d_logp.dtype)
+            if g_ent is not None:
+                gh += d_ent * g_ent[:, None].to(d_ent.dtype)
+            return gh, None, None, None, None, None, None, None
+        h, weight, y, ent = ctx.saved_tensors  # recompute each chunk's logits once
+        gh = torch.empty_like(h) if grad_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, H]
+        for s in range(0, h.shape[0], chunk):
+            e = min(s + chunk, h.shape[0])
+            z = (h[s:e] @ weight.t()).float()  # [n, V]
+            if temperature != 1.0:
+                z /= temperature
+            _, _, p = _softmax_stats(z, y[s:e], False)
+            dz = _dlogits(z, p, y[s:e], g_logp[s:e], None if g_ent is None else ent[s:e],
+                          None if g_ent is None else g_ent[s:e])
+            dz = dz.to(weight.dtype)  # [n, V]
+            if grad_h:
+                torch.mm(dz, weight, out=gh[s:e])
+            gw.addmm_(dz.t().float(), h[s:e].float(), alpha=1.0 / temperature)
+        if grad_h and temperature != 1.0:
+            gh /= temperature
+        return gh, gw.to(weight.dtype), None, None, None, None, None, None
+
+
 def token_logprobs_from_hidden(
     hidden: torch.Tensor,
     head: Head,
     targets: torch.Tensor,
     *,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 1024,
     temperature: float = 1.0,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +202,11 @@ def token_logprobs_from_hidden(
     ``log_softmax(logits.float() / temperature, -1).gather(-1, targets)``.
     Returns log-probs ``[...]`` (fp32), and with ``with_entropy`` also entropies ``[...]`` of the
     same tempered distribution.
+
+    A plain weight (a tensor or a bias-free ``nn.Linear``) takes the fused path
+    (:class:`_FusedTokenLogprobs`: gradients w.r.t. ``hidden`` computed in the forward, nothing
+    recomputed); other heads (LoRA on the head, callables) run each chunk under
+    ``torch.utils.checkpoint``. Either way peak extra memory is O(chunk_tokens x V).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -82,7 +218,25 @@ def token_logprobs_from_hidden(
     assert h.shape[0] == y.shape[0], (hidden.shape, targets.shape)
     ignored = y < 0
     y = y.clamp_min(0)
-    lean = _needs_grad(hidden, head)
+    weight = _plain_weight(head)
+    if weight is not None:
+        grad = torch.is_grad_enabled()
+        logp, ent = _FusedTokenLogprobs.apply(
+            h, weight, y, float(temperature), with_entropy, chunk_tokens,
+            grad and h.requires_grad, grad and weight.requires_grad)
+    else:
+        logp, ent = _chunked_checkpointed(h, head, y, temperature, with_entropy, chunk_tokens)
+    logp = logp.masked_fill(ignored, 0.0).view(shape)
+    if not with_entropy:
+        return logp
+    return logp, ent.view(shape)
+
+
+def _chunked_checkpointed(h: torch.Tensor, head: Head, y: torch.Tensor, temperature: float,
+                          with_entropy: bool, chunk_tokens: int,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generic path: each chunk's log-softmax under ``checkpoint`` (recomputed in backward)."""
+    lean = _needs_grad(h, head)
     logps, ents = [], []
     for s in range(0, h.shape[0], chunk_tokens):
         args = (h[s: s + chunk_tokens], head, y[s: s + chunk_tokens], temperature, with_entropy)
@@ -95,10 +249,7 @@ def token_logprobs_from_hidden(
     if not logps:  # no tokens
         empty = h.new_zeros(0, dtype=torch.float32)
         logps, ents = [empty], [empty]
-    logp = torch.cat(logps).masked_fill(ignored, 0.0).view(shape)
-    if not with_entropy:
-        return logp
-    return logp, torch.cat(ents).view(shape)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
 def model_token_logprobs(
