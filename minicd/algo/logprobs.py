@@ -2,9 +2,10 @@
 
 The vocabulary projection of a long batch (``[N, T, V]`` with V = 151,936 for Qwen) is the largest
 tensor of a training step. These functions project ``chunk_tokens`` hidden states at a time, in
-fp32, keep only the per-token results, and run each chunk under ``torch.utils.checkpoint`` so the
-backward pass recomputes the chunk's logits instead of storing them: peak extra memory is
-O(chunk_tokens x V) in forward and backward.
+fp32 and keep only the per-token results: peak extra memory is O(chunk_tokens x V) in forward and
+backward. For a plain head weight the gradient w.r.t. each hidden state is computed in the
+forward pass (one H-vector per token), so nothing is stored at vocabulary size and nothing is
+recomputed; other heads run each chunk under ``torch.utils.checkpoint``.
 
 Log-probabilities are the per-token log pi(o_t | x, o_<t) whose sums give the policy ratio rho_j
 and the KL term of the GRPO objective, Eq. (2) of the paper, and the SFT negative
@@ -259,7 +260,8 @@ def model_token_logprobs(
     position_ids: torch.Tensor | None = None,
     *,
     last_n: int | None = None,
-    chunk_tokens: int = 2048,
+    target_mask: torch.Tensor | None = None,
+    chunk_tokens: int = 1024,
     temperature: float = 1.0,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +269,10 @@ def model_token_logprobs(
 
     input_ids ``[B, T]`` -> ``[B, T - 1]`` (or ``[B, last_n]``: only the last ``last_n`` targets,
     e.g. the response part of right-aligned prompt+response rows, skipping the prompt's vocab
-    projection). Assumes ``model(..., head_fn=f)`` returns ``f(final-normed hidden [B, T, H],
+    projection). ``target_mask`` (the output's shape, e.g. the SFT loss mask): only the hidden
+    states of its nonzero positions go through the vocabulary head, and the other positions
+    read 0 (log-prob and entropy) with no gradient: a loss that masks them is unchanged, and
+    its cost no longer grows with the prompt's length. Assumes ``model(..., head_fn=f)`` returns ``f(final-normed hidden [B, T, H],
     head module)`` computed inside its forward, as :class:`minicd.model.qwen.QwenForCausalLM`
     does, so the head is applied while FSDP2 has the root's parameters gathered.
     """
@@ -276,8 +281,20 @@ def model_token_logprobs(
         if last_n is not None:
             keep = hidden.shape[1] - last_n
             hidden, targets = hidden[:, keep:], targets[:, keep:]
-        return token_logprobs_from_hidden(hidden, head, targets, chunk_tokens=chunk_tokens,
-                                          temperature=temperature, with_entropy=with_entropy)
+        if target_mask is None:
+            return token_logprobs_from_hidden(hidden, head, targets, chunk_tokens=chunk_tokens,
+                                              temperature=temperature, with_entropy=with_entropy)
+        if target_mask.shape != targets.shape:
+            raise ValueError(f"target_mask has shape {tuple(target_mask.shape)}, the log-probs "
+                             f"{tuple(targets.shape)}")
+        sel = target_mask.bool()  # [B, T-1]
+        out = token_logprobs_from_hidden(hidden[sel], head, targets[sel],  # [M, H] -> [M]
+                                         chunk_tokens=chunk_tokens, temperature=temperature,
+                                         with_entropy=with_entropy)
+        out = out if with_entropy else (out,)
+        full = [torch.zeros(targets.shape, dtype=o.dtype, device=o.device).masked_scatter(sel, o)
+                for o in out]  # [B, T-1] each
+        return tuple(full) if with_entropy else full[0]
 
     # the head runs inside the model's forward (head_fn), so FSDP2 keeps lm_head gathered
     return model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -291,7 +308,7 @@ def shared_prefix_logprobs(
     owner: Sequence[int],
     pad_id: int,
     *,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 1024,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs ``[N, R]`` of N responses, response i continuing ``prompts[owner[i]]``,
