@@ -43,24 +43,30 @@ class PeakRSS:
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-              memory: bool = False) -> tuple[dict[str, list[float]], dict[str, int]]:
+              memory: bool = False, cpu_times: dict[str, list[float]] | None = None,
+              ) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Run every fn in turn, ``warmup + repeats`` rounds (the first ``warmup`` untimed), so
     machine load hits all of them alike. Returns wall times per name and, with ``memory``, the
-    largest peak extra RSS per name (bytes)."""
+    largest peak extra RSS per name (bytes); ``cpu_times`` (a dict) receives this process's CPU
+    seconds per run (user + system, all threads: less sensitive to other processes' load)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     peaks: dict[str, int] = {k: 0 for k in fns}
+    if cpu_times is not None:
+        cpu_times.update({k: [] for k in fns})
     for rnd in range(warmup + repeats):
         for name, fn in fns.items():
             meter = PeakRSS() if memory else None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if meter:
                 with meter:
                     fn()
             else:
                 fn()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if rnd >= warmup:
                 times[name].append(dt)
+                if cpu_times is not None:
+                    cpu_times[name].append(dc)
             if meter:
                 peaks[name] = max(peaks[name], meter.peak)
     return times, peaks

@@ -84,16 +84,18 @@ def main() -> None:
     fns = {"naive": lambda: run("naive", naive), "fused": lambda: run("fused", fused)}
     if a.checkpointed:
         fns["checkpointed"] = lambda: run("checkpointed", checkpointed)
-    times, peaks = alternate(fns, a.repeats, memory=True)
-    base = median(times["naive"])
+    cpu: dict[str, list[float]] = {}
+    times, peaks = alternate(fns, a.repeats, memory=True, cpu_times=cpu)
+    base, cbase = median(times["naive"]), median(cpu["naive"])
     what = "logp + entropy" if a.entropy else "logp"
     head = "trained head" if a.head_trains else "frozen head"
     print(f"token log-probs fwd+bwd ({what}, {head}): {a.batch} x {a.tokens} tokens, hidden "
           f"{a.hidden}, vocab {a.vocab}, chunk {a.chunk}, fp32, {torch.get_num_threads()} "
           f"threads, median of {a.repeats} alternating runs; {load()} at the end")
     for name in fns:
-        t = median(times[name])
-        print(f"  {name:12s}: {t:7.2f} s  ({t / base:.2f}x naive time)  peak extra "
+        t, c = median(times[name]), median(cpu[name])
+        print(f"  {name:12s}: {t:7.2f} s wall ({t / base:.2f}x naive), {c:7.2f} s CPU "
+              f"({c / cbase:.2f}x naive)  peak extra "
               f"{peaks[name] / 2**30:6.2f} GiB  ({peaks[name] / max(peaks['naive'], 1):.3f}x "
               "naive)")
     for name in fns:

@@ -69,34 +69,48 @@ def _needs_grad(hidden: torch.Tensor, head: Head) -> bool:
     return True
 
 
-def _softmax_stats(z: torch.Tensor, y: torch.Tensor, with_entropy: bool,
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float,
+                  buf: torch.Tensor) -> torch.Tensor:
+    """Tempered fp32 logits ``h @ W.T / temperature`` ``[n, V]``, written into ``buf[:n]`` (one
+    buffer reused by every chunk: no fresh vocabulary-sized allocation per chunk)."""
+    z = buf[: h.shape[0]]
+    if h.dtype == weight.dtype == torch.float32:
+        torch.mm(h, weight.t(), out=z)
+    else:
+        z.copy_(h @ weight.t())  # logits in the weights' dtype, then fp32 (as the naive path)
+    if temperature != 1.0:
+        z /= temperature
+    return z
+
+
+def _softmax_stats(z: torch.Tensor, y: torch.Tensor, with_entropy: bool, buf: torch.Tensor,
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """From tempered fp32 logits ``z`` ``[n, V]`` (overwritten with log-softmax(z)):
-    log-probs of ``y`` ``[n]``, entropies ``[n]`` (or None) and probabilities ``p`` ``[n, V]``."""
-    z -= torch.logsumexp(z, dim=-1, keepdim=True)  # [n, V] log p
+    log-probs of ``y`` ``[n]``, entropies ``[n]`` (or None) and probabilities ``p`` ``[n, V]``
+    (written into ``buf[:n]``)."""
+    z -= z.amax(dim=-1, keepdim=True)
+    p = torch.exp(z, out=buf[: z.shape[0]])  # [n, V] unnormalised
+    total = p.sum(dim=-1, keepdim=True)  # [n, 1]
+    p /= total
+    z -= total.log_()  # [n, V] log p
     logp = z.gather(-1, y[:, None]).squeeze(-1)  # [n]
-    p = z.exp()  # [n, V]
     ent = None
     if with_entropy:  # H = -sum_v p_v log p_v, as a batched dot (no [n, V] product)
         ent = -(p[:, None, :] @ z[:, :, None]).view(-1)  # [n]
     return logp, ent, p
 
 
-def _dlogits(z: torch.Tensor, p: torch.Tensor, y: torch.Tensor, g_logp: torch.Tensor | None,
+def _dlogits(z: torch.Tensor, p: torch.Tensor, y: torch.Tensor, g_logp: torch.Tensor,
              ent: torch.Tensor | None, g_ent: torch.Tensor | None) -> torch.Tensor:
     """d(sum g_logp * logp + g_ent * H) / dz ``[n, V]``, written over ``p`` (and ``z`` = log p):
-    d logp_y / dz = onehot(y) - p; dH / dz = -p * (log p + H). ``g_logp=None`` means all ones."""
+    d logp_y / dz = onehot(y) - p; dH / dz = -p * (log p + H)."""
     dz = p
     if g_ent is not None:
         z += ent[:, None]
         z *= p
         z *= -g_ent[:, None]  # [n, V] g_ent * dH/dz
-    if g_logp is None:
-        dz.neg_()
-        dz[torch.arange(dz.shape[0], device=dz.device), y] += 1.0
-    else:
-        dz *= -g_logp[:, None]
-        dz[torch.arange(dz.shape[0], device=dz.device), y] += g_logp
+    dz *= -g_logp[:, None]
+    dz[torch.arange(dz.shape[0], device=dz.device), y] += g_logp
     if g_ent is not None:
         dz += z
     return dz
@@ -123,24 +137,26 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         store = grad_h and not grad_w
         d_logp = torch.empty_like(h) if store else None  # [N, H] d logp / d h
         d_ent = torch.empty_like(h) if store and with_entropy else None  # [N, H] d H / d h
+        rows = min(chunk, n_tok)
+        zbuf = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=h.device)
+        pbuf = torch.empty_like(zbuf)  # [chunk, V] each
         for s in range(0, n_tok, chunk):
             e = min(s + chunk, n_tok)
-            z = (h[s:e] @ weight.t()).float()  # [n, V]
-            if temperature != 1.0:
-                z /= temperature
-            lp, en, p = _softmax_stats(z, y[s:e], with_entropy)
+            z = _chunk_logits(h[s:e], weight, temperature, zbuf)  # [n, V]
+            lp, en, p = _softmax_stats(z, y[s:e], with_entropy, pbuf)
             logp[s:e] = lp
             if with_entropy:
                 ent[s:e] = en
             if not store:
                 continue
-            if with_entropy:  # entropy first: it reads p and log p before they are overwritten
+            if with_entropy:  # dH/dh = -(p * (log p + H)) W
                 z += en[:, None]
                 z *= p
-                z.neg_()
                 torch.mm(z.to(weight.dtype), weight, out=d_ent[s:e])
-            dz = _dlogits(z, p, y[s:e], None, None, None)
-            torch.mm(dz.to(weight.dtype), weight, out=d_logp[s:e])
+                d_ent[s:e].neg_()
+            # d logp / dh = W[y] - p W
+            torch.addmm(weight[y[s:e]], p.to(weight.dtype), weight, alpha=-1.0,
+                        out=d_logp[s:e])
         if store and temperature != 1.0:
             d_logp /= temperature
             if with_entropy:
@@ -168,12 +184,13 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         h, weight, y, ent = ctx.saved_tensors  # recompute each chunk's logits once
         gh = torch.empty_like(h) if grad_h else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, H]
+        zbuf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32,
+                           device=h.device)
+        pbuf = torch.empty_like(zbuf)  # [chunk, V] each
         for s in range(0, h.shape[0], chunk):
             e = min(s + chunk, h.shape[0])
-            z = (h[s:e] @ weight.t()).float()  # [n, V]
-            if temperature != 1.0:
-                z /= temperature
-            _, _, p = _softmax_stats(z, y[s:e], False)
+            z = _chunk_logits(h[s:e], weight, temperature, zbuf)  # [n, V]
+            _, _, p = _softmax_stats(z, y[s:e], False, pbuf)
             dz = _dlogits(z, p, y[s:e], g_logp[s:e], None if g_ent is None else ent[s:e],
                           None if g_ent is None else g_ent[s:e])
             dz = dz.to(weight.dtype)  # [n, V]
