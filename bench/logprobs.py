@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--entropy", action="store_true")
     ap.add_argument("--head-trains", action="store_true")
@@ -85,7 +86,7 @@ def main() -> None:
     if a.checkpointed:
         fns["checkpointed"] = lambda: run("checkpointed", checkpointed)
     cpu: dict[str, list[float]] = {}
-    times, peaks = alternate(fns, a.repeats, memory=True, cpu_times=cpu)
+    times, peaks = alternate(fns, a.repeats, warmup=a.warmup, memory=True, cpu_times=cpu)
     base, cbase = median(times["naive"]), median(cpu["naive"])
     what = "logp + entropy" if a.entropy else "logp"
     head = "trained head" if a.head_trains else "frozen head"

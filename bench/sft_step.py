@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--response-tokens", type=int, default=30)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--checkpointed", action="store_true")
     a = ap.parse_args()
@@ -91,7 +92,7 @@ def main() -> None:
             finally:
                 lp._plain_weight = real
         fns["every position, checkpointed"] = old
-    times, _ = alternate(fns, a.repeats)
+    times, _ = alternate(fns, a.repeats, warmup=a.warmup)
     base = median(times["every position"])
     resp = int(b.loss_mask.sum())
     print(f"SFT step (fwd + loss + bwd + AdamW), LoRA r {a.lora_r}, {describe(cfg, a.model)}; "

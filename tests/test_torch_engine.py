@@ -327,3 +327,19 @@ def test_unpadded_decode_runs_without_a_mask_and_finished_rows_compact_rarely(mo
     assert all(n <= 0.75 * 16 for n in selects[1:2])
     assert len(selects) - 1 < len(finish_steps)
     assert torch_engine.COMPACT_AT == 0.75
+
+
+def test_sample_next_inverse_cdf_by_hand():
+    """Inverse-CDF draws: zero-probability tokens never come out, frequencies follow the
+    probabilities (3 tokens: 0.5 / 0 / 0.5 -> about half each), and a seed fixes the draws."""
+    from minicd.rollout.torch_engine import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.5, 0.0]])).expand(20000, 4).contiguous()
+    draws = sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[1] == counts[3] == 0
+    assert abs(counts[0].item() / 20000 - 0.5) < 4 * (0.25 / 20000) ** 0.5
+    again = sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    one = torch.tensor([[-1e9, 3.0, -1e9]])  # a single possible token
+    assert sample_next(one, 0.7, 1.0, torch.Generator().manual_seed(1)).tolist() == [1]

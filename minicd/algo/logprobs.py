@@ -289,8 +289,8 @@ def model_token_logprobs(
     projection). ``target_mask`` (the output's shape, e.g. the SFT loss mask): only the hidden
     states of its nonzero positions go through the vocabulary head, and the other positions
     read 0 (log-prob and entropy) with no gradient: a loss that masks them is unchanged, and
-    its cost no longer grows with the prompt's length. Assumes ``model(..., head_fn=f)`` returns ``f(final-normed hidden [B, T, H],
-    head module)`` computed inside its forward, as :class:`minicd.model.qwen.QwenForCausalLM`
+    its cost no longer grows with the prompt's length. Assumes ``model(..., head_fn=f)``
+    returns ``f(final-normed hidden [B, T, H], head module)`` computed inside its forward, as :class:`minicd.model.qwen.QwenForCausalLM`
     does, so the head is applied while FSDP2 has the root's parameters gathered.
     """
     def head_fn(hidden: torch.Tensor, head: nn.Module):

@@ -51,13 +51,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     """Next token ids ``[B]`` from fp32 ``logits`` ``[B, V]``.
 
     ``temperature == 0``: argmax (greedy). Otherwise a draw from top-p-filtered
-    softmax(logits / temperature), using ``generator`` (never the global RNG when one is given).
+    softmax(logits / temperature), using ``generator`` (never the global RNG when one is given),
+    by inverse-CDF sampling: one uniform number per row and a binary search in the row's
+    cumulative probabilities (``torch.multinomial`` draws one random number per vocabulary
+    entry). A token of probability 0 is never drawn.
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
     probs = top_p_filter(probs, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum_(dim=-1)  # [B, V] (probs is not used again)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # first token whose cumulative probability exceeds u: p_k > 0 and u in [cdf_{k-1}, cdf_k)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[1] - 1)
 
 
 class TorchEngine:
