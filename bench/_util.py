@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import threading
 import time
 from typing import Callable
@@ -63,6 +64,8 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 
             else:
                 fn()
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            print(f"  [{'warmup' if rnd < warmup else 'round'} {rnd}] {name}: {dt:.2f} s",
+                  file=sys.stderr, flush=True)
             if rnd >= warmup:
                 times[name].append(dt)
                 if cpu_times is not None:
