@@ -34,15 +34,17 @@ def main(argv: list[str] | None = None) -> int:
 
     done = False
     try:
+        from minicd.config import load_config  # light: a bad config fails before torch loads
+
+        overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+        cfg = load_config(args.config, overrides, stage=args.stage)
+
         import torch
 
-        from minicd.config import load_config
         from minicd.train.grpo import run_grpo
         from minicd.train.phi import run_phi
         from minicd.train.sft import run_sft
 
-        overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-        cfg = load_config(args.config, overrides)
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
         run = {"sft": run_sft, "grpo": run_grpo, "phi": run_phi}[args.stage]

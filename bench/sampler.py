@@ -52,7 +52,8 @@ def main() -> None:
     lo, hi = int(0.75 * a.prompt_tokens), int(1.25 * a.prompt_tokens)
     prompts = [torch.randint(3, cfg.vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(lo, hi + 1, (a.prompts,), generator=gen)]
-    params = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens, seed=0)
+    # unseeded: all 64 rows in one batch (a seeded TorchEngine call decodes prompt by prompt)
+    params = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens)
     engines = {"torch": TorchEngine(model, max_batch_size=a.prompts * a.samples)}
     tmp = None
     if not a.no_vllm:
@@ -62,12 +63,11 @@ def main() -> None:
         engines["vllm"] = VLLMEngine(tmp.name, dtype="float32",
                                      max_model_len=hi + a.new_tokens + 16)
     counts: dict[str, int] = {}
-    # vLLM 0.32's CPU runner crashes on seeded requests whose prefill is split over steps
-    # ("CPU Generator does not use offset"): its requests are unseeded (throughput only)
-    unseeded = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens)
+    # (vLLM 0.32's CPU runner also crashes on seeded requests whose prefill is split over
+    # steps: "CPU Generator does not use offset")
 
     def run(name: str) -> None:
-        out = engines[name].generate(prompts, params if name == "torch" else unseeded)
+        out = engines[name].generate(prompts, params)
         counts[name] = sum(len(g.token_ids) for row in out for g in row)
 
     fns = {k: (lambda k=k: run(k)) for k in engines}

@@ -14,22 +14,29 @@ comment names the release's value.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 from minicd.errors import ConfigError
+
+Stage = Literal["sft", "grpo", "phi"]
 
 
 @dataclass
 class ModelConfig:
     path: str = ""                     # local HF-format dir or hub repo id (Qwen/Qwen2.5-1.5B-Instruct)
-    dtype: str = "auto"                # auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)
     template: str | None = None        # chat template override: qwen2.5 | qwen3 | chatml (None: from checkpoint)
     activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        pass  # dtype is checked by its Literal type; template by the tokenizer (loaded first)
 
 
 @dataclass
@@ -41,29 +48,44 @@ class LoRAConfigSection:
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     init_adapter: str | None = None    # PEFT adapter dir to start from (GRPO/PHI: the SFT adapter)
-    init_mode: str = "merge"           # merge: fold init_adapter into the base and train a fresh
+    init_mode: Literal["merge", "continue"] = "merge"  # merge: fold init_adapter into the base and train a fresh
                                        #   adapter (reference policy = the init policy, as in the
                                        #   release); continue: keep training init_adapter itself
                                        #   (reference = the base model without any adapter)
+
+    def validate(self) -> None:
+        _need(self.r >= 1, "lora.r", self.r, "an integer >= 1 (paper: 8)")
+        _need(self.alpha > 0, "lora.alpha", self.alpha, "> 0 (release: 2 x lora.r)")
+        _need(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
+        _need(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
+              "a non-empty list of linear layer names (e.g. [\"q_proj\", \"v_proj\"])")
 
 
 @dataclass
 class DataConfig:
     dir: str = ""                      # dataset dir with {train,val,test}.jsonl (prepared by python -m minicd.data)
-    corpus: str = "mimic3"             # mimic3 | mimic4
-    code_system: str = "icd9"          # icd9 | icd10
-    label_scope: str = "top50"         # top50 | full
+    corpus: Literal["mimic3", "mimic4"] = "mimic3"
+    code_system: Literal["icd9", "icd10"] = "icd9"
+    label_scope: Literal["top50", "full"] = "top50"
     max_prompt_tokens: int = 8192      # release: cutoff 8192 for SFT, 5120 prompt tokens for GRPO
     train_limit: int | None = None     # use only the first N training examples (debugging, demo)
     val_limit: int | None = 200        # validation subset size for in-training evaluation
+                                       #   (0: no in-training validation; unset: the whole split)
+
+    def validate(self) -> None:
+        _need(self.max_prompt_tokens >= 64, "data.max_prompt_tokens", self.max_prompt_tokens,
+              ">= 64 (room for the instruction and a note)")
+        _at_least_one("data.train_limit", self.train_limit, unset_ok=True)
+        _need(self.val_limit is None or self.val_limit >= 0, "data.val_limit", self.val_limit,
+              ">= 0 (0: no in-training validation) or unset (the whole split)")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
-    device: str = "auto"               # auto | cpu | cuda
-    mixed_precision: str | None = None # bfloat16 on GPU (FSDP2 MixedPrecisionPolicy); None on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["bfloat16", "float16", "float32"] | None = None  # bfloat16 on GPU (FSDP2 MixedPrecisionPolicy); None on CPU
     micro_batch_size: int = 4
     grad_accum: int = 4                # global batch = micro_batch_size x grad_accum x world size
     max_steps: int | None = None       # stop after this many optimizer steps (None: epochs decide)
@@ -76,6 +98,18 @@ class TrainConfig:
                                        #   (+ tokenizer) that transformers and vLLM serve directly
     resume: bool = False
     num_threads: int | None = None     # torch CPU threads (None: torch default)
+    dist_timeout_s: float = 1800.0     # torch.distributed collective timeout (seconds); no phase
+                                       #   leaves one rank alone for longer than a step
+
+    def validate(self) -> None:
+        _need(60.0 <= self.dist_timeout_s <= 86400.0, "train.dist_timeout_s", self.dist_timeout_s,
+              "in [60, 86400] seconds (default 1800)")
+        for key in ("micro_batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
+            _at_least_one(f"train.{key}", getattr(self, key))
+        _at_least_one("train.max_steps", self.max_steps, unset_ok=True)
+        _at_least_one("train.num_threads", self.num_threads, unset_ok=True)
+        _need(bool(self.output_dir.strip()), "train.output_dir", self.output_dir,
+              "a directory path (e.g. runs/sft)")
 
 
 @dataclass
@@ -88,6 +122,15 @@ class SFTConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     length_grouping: bool = True
 
+    def validate(self) -> None:
+        _need(self.lr > 0, "sft.lr", self.lr, "> 0 (paper: 1e-5; release: 1e-4)")
+        _need(self.epochs > 0, "sft.epochs", self.epochs, "> 0 (paper: 3)")
+        _need(0.0 <= self.warmup_ratio < 1.0, "sft.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        _need(self.weight_decay >= 0, "sft.weight_decay", self.weight_decay, ">= 0")
+        _need(self.grad_clip > 0, "sft.grad_clip", self.grad_clip, "> 0 (release: 1.0)")
+        _need(all(0.0 <= b < 1.0 for b in self.betas), "sft.betas", list(self.betas),
+              "two numbers in [0, 1), e.g. [0.9, 0.999]")
+
 
 @dataclass
 class GRPOConfig:
@@ -97,28 +140,67 @@ class GRPOConfig:
     weight_decay: float = 1e-2         # release
     grad_clip: float = 1.0
     kl_coef: float = 1e-3              # paper: 1e-3; release shipped 1e-2
-    kl_kind: str = "k3"                # k1 | k2 | k3 (release: k3 "low_var_kl", clamped to [-10, 10])
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"  # (release: k3 "low_var_kl", clamped to [-10, 10])
     clip_low: float = 0.2
     clip_high: float = 0.2             # release: 0.3
     dual_clip: float | None = None     # release: 3.0
-    agg: str = "token-mean"            # token-mean | seq-mean
-    adv_std: str = "unbiased"          # unbiased | biased | none (Dr.GRPO mean-only)
+    agg: Literal["token-mean", "seq-mean", "seq-mean-token-sum-norm"] = "token-mean"
+                                       # token-mean (paper, release); seq-mean (DeepSeekMath);
+                                       #   seq-mean-token-sum-norm: Dr. GRPO's constant normaliser
+                                       #   sum / (N x rollout.max_new_tokens)
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"  # grpo: Eq. 1, (r - mean) / (std + eps)
+                                       #   (paper, release); dr_grpo: r - mean; rloo: r - mean of
+                                       #   the other G - 1 (docs/grpo_variants.md)
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO, one ratio per response
+    loss: Literal["clip", "cispo"] = "clip"  # clip: Eq. 2 (paper); cispo: sg(clipped ratio) A logp
+    mask_truncated: bool = False       # leave responses cut at rollout.max_new_tokens out of the
+                                       #   loss (DAPO's overlong filtering; paper, release: off)
     epochs: float = 1.0
     updates_per_batch: int = 1
-    reward: str = "f1"                 # f1 (paper) | fbeta:<beta> | package.module:function
-                                       #   (response text, gold codes) -> float; see make_reward
+    reward: str = "f1"                 # f1 (paper) | fbeta:<beta> | weighted_f1[:<default_weight>]
+                                       #   | f1_release (release: span-less responses scored on
+                                       #   ICD-shaped tokens) | package.module:function (response
+                                       #   text, gold codes) -> float; each optionally
+                                       #   +missed:<lambda> (PHI); see algo/reward.make_reward
     shared_prefix: bool = True         # compute each group's prompt once, not G times: the prompt
                                        #   and its samples packed in one row (same math)
+
+    def validate(self) -> None:
+        _need(self.group_size >= 2, "grpo.group_size", self.group_size,
+              ">= 2 (advantages compare samples within a group; paper: 8)")
+        _at_least_one("grpo.prompts_per_step", self.prompts_per_step)
+        _at_least_one("grpo.updates_per_batch", self.updates_per_batch)
+        _need(self.lr > 0, "grpo.lr", self.lr, "> 0 (release: 1e-5)")
+        _need(self.weight_decay >= 0, "grpo.weight_decay", self.weight_decay, ">= 0")
+        _need(self.grad_clip > 0, "grpo.grad_clip", self.grad_clip, "> 0 (release: 1.0)")
+        _need(self.kl_coef >= 0, "grpo.kl_coef", self.kl_coef, ">= 0 (paper: 1e-3; release: 1e-2)")
+        _need(0.0 <= self.clip_low < 1.0, "grpo.clip_low", self.clip_low, "in [0, 1) (paper: 0.2)")
+        _need(self.clip_high >= 0, "grpo.clip_high", self.clip_high, ">= 0 (release: 0.3)")
+        _need(self.dual_clip is None or self.dual_clip > 1, "grpo.dual_clip", self.dual_clip,
+              "> 1 or unset (release: 3.0)")
+        _need(self.epochs > 0, "grpo.epochs", self.epochs, "> 0")
+        _need(self.loss != "cispo" or self.dual_clip is None, "grpo.dual_clip", self.dual_clip,
+              "unset with grpo.loss = \"cispo\" (the dual clip bounds the clip loss only)")
+        parse_reward_spec(self.reward, check=True)
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "torch"              # torch | vllm
+    engine: Literal["torch", "vllm"] = "torch"
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 196          # paper: 196; release used 512 for Full
     val_temperature: float = 0.0       # in-training validation is greedy (release: T 0.6 / top-p 0.95)
     max_batch_size: int = 64           # torch engine: rows (prompt x sample) decoded together
+    sleep: bool | None = None          # vLLM sleeps (weights offloaded, KV cache dropped) during
+                                       #   training passes; None: on with CUDA, off on CPU
+
+    def validate(self) -> None:
+        _need(self.temperature >= 0, "rollout.temperature", self.temperature, ">= 0 (paper: 1.0)")
+        _need(0.0 < self.top_p <= 1.0, "rollout.top_p", self.top_p, "in (0, 1]")
+        _at_least_one("rollout.max_new_tokens", self.max_new_tokens)
+        _need(self.val_temperature >= 0, "rollout.val_temperature", self.val_temperature, ">= 0")
+        _at_least_one("rollout.max_batch_size", self.max_batch_size)
 
 
 @dataclass
@@ -134,6 +216,16 @@ class PHIConfig:
     description_limit: int = 100       # hint descriptions cut to this many characters (<= 100)
     description_file: str | None = None  # extra "code<TAB>description" lines over the CMS tables
 
+    def validate(self) -> None:
+        _at_least_one("phi.rounds", self.rounds)
+        _need(0.0 <= self.p_inject <= 1.0, "phi.p_inject", self.p_inject, "in [0, 1] (paper: 0.5)")
+        _at_least_one("phi.max_hints", self.max_hints)
+        _need(self.tau > 0, "phi.tau", self.tau, "> 0 (paper: 3.0)")
+        _need(self.recall_floor > 0, "phi.recall_floor", self.recall_floor, "> 0 (paper: 0.05)")
+        _need(self.clip_mult > 0, "phi.clip_mult", self.clip_mult, "> 0 (paper: 3)")
+        _need(1 <= self.description_limit <= 100, "phi.description_limit",
+              self.description_limit, "in [1, 100] (the hint block cuts at 100 characters)")
+
 
 @dataclass
 class LogConfig:
@@ -141,6 +233,9 @@ class LogConfig:
     wandb_project: str | None = None
     log_every: int = 1
     log_text: bool = False             # opt-in: never log note text unless set
+
+    def validate(self) -> None:
+        _at_least_one("log.log_every", self.log_every)
 
 
 @dataclass
@@ -158,9 +253,32 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self, stage: Stage | None = None) -> "Config":
+        """Check every section, then the rules across sections (and those of ``stage``, when
+        given). Raises :class:`ConfigError` naming the key, its value and what is allowed."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if stage not in (None, "sft", "grpo", "phi"):
+            raise ConfigError(f"stage {stage!r}: expected sft, grpo or phi")
+        if stage in ("grpo", "phi"):
+            _need(self.rollout.temperature > 0, "rollout.temperature", self.rollout.temperature,
+                  f"> 0 for --stage {stage}: greedy rollouts make the {self.grpo.group_size} "
+                  "samples of a group identical, so every advantage would be zero (paper: 1.0)")
+            if not self.lora.enabled and self.grpo.kl_coef != 0:
+                raise ConfigError(f"grpo.kl_coef = {self.grpo.kl_coef!r} needs lora.enabled = true: "
+                                  "the reference policy is the model with its adapter disabled; "
+                                  "set grpo.kl_coef = 0 for full fine-tuning")
+        if stage == "phi" and not self.lora.enabled:
+            raise ConfigError("lora.enabled = false: PHI needs lora.enabled = true (rounds continue "
+                              "a LoRA adapter; the reference is the model with its adapter disabled)")
+        return self
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML config file (or the defaults when ``path`` is None) and apply overrides."""
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                stage: Stage | None = None) -> Config:
+    """Read a TOML config file (or the defaults when ``path`` is None), apply overrides and
+    validate the result (:meth:`Config.validate`, with the rules of ``stage`` when given), before
+    any model or data is touched."""
     raw: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
@@ -171,7 +289,110 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
-    return _build(Config, raw, where, prefix="")
+    cfg = _build(Config, raw, where, prefix="")
+    try:
+        return cfg.validate(stage)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+# ------------------------------------------------------------------ value checks
+def _need(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: must be {rule}")
+
+
+def _at_least_one(key: str, value: int | None, unset_ok: bool = False) -> None:
+    if value is None and unset_ok:
+        return
+    _need(value is not None and value >= 1, key, value, ">= 1" + (" (or unset)" if unset_ok else ""))
+
+
+def import_callable(spec: str, key: str) -> Callable[..., Any]:
+    """Import ``package.module:function`` (the value of config key ``key``) and return it."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{key} = {spec!r}: expected 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except Exception as e:  # noqa: BLE001 - any failure of user code at import is the user's
+        raise ConfigError(f"{key} = {spec!r}: cannot import it ({type(e).__name__}: {e}); the "
+                          "module must be importable on every rank (installed, or on "
+                          "PYTHONPATH)") from None
+    if not callable(fn):
+        raise ConfigError(f"{key} = {spec!r} is not callable; name a function")
+    return fn
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A parsed ``grpo.reward``: ``kind`` f1 | fbeta | weighted_f1 | f1_release | user, its
+    argument (beta, default weight, or the user's function) and the missed-code bonus lambda."""
+
+    kind: str
+    arg: Any = None
+    missed: float = 0.0
+
+
+_REWARD_FORMS = ("'f1', 'fbeta:<beta>', 'weighted_f1[:<default_weight>]', 'f1_release' or "
+                 "'package.module:function', optionally followed by '+missed:<lambda>'")
+
+
+def _positive_number(text: str, spec: str, what: str, example: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"grpo.reward = {spec!r}: {what} must be a number > 0, e.g. {example!r}")
+    return value
+
+
+def parse_reward_spec(spec: str, check: bool = False) -> RewardSpec:
+    """``grpo.reward`` -> :class:`RewardSpec` (see ``minicd.algo.reward.make_reward``).
+
+    Forms: ``f1`` (the paper's), ``fbeta:<beta>``, ``weighted_f1`` or
+    ``weighted_f1:<default_weight>``, ``f1_release`` (the public release's fallback), or
+    ``package.module:function``; any of them may be followed by ``+missed:<lambda>``.
+    With ``check``, a user function is called once on a dummy response (``<code>401.9</code>``
+    against gold ``("401.9",)``) and must return a finite number: a broken reward fails at load,
+    not after the model and the first rollout. Note: this imports and runs the user's code.
+    """
+    full = spec.strip()
+    base, *extras = [part.strip() for part in full.split("+")]
+    missed = 0.0
+    for extra in extras:
+        if not extra.startswith("missed:") or missed:
+            raise ConfigError(f"grpo.reward = {spec!r}: after '+' expected one "
+                              "'missed:<lambda>' (e.g. 'f1+missed:0.1')")
+        missed = _positive_number(extra.split(":", 1)[1], spec, "the missed-code bonus lambda",
+                                  "f1+missed:0.1")
+    if base in ("f1", "f1_release"):
+        return RewardSpec(base, None, missed)
+    if base == "weighted_f1":
+        return RewardSpec("weighted_f1", 1.0, missed)
+    if base.startswith("fbeta:"):
+        beta = _positive_number(base.split(":", 1)[1], spec, "the F-beta weight", "fbeta:2")
+        return RewardSpec("fbeta", beta, missed)
+    if base.startswith("weighted_f1:"):
+        default = _positive_number(base.split(":", 1)[1], spec, "the default code weight",
+                                   "weighted_f1:1")
+        return RewardSpec("weighted_f1", default, missed)
+    if ":" not in base:
+        raise ConfigError(f"grpo.reward = {spec!r}: expected {_REWARD_FORMS}")
+    fn = import_callable(base, "grpo.reward")
+    if check:
+        try:
+            value = fn("<code>401.9</code>", ("401.9",))
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"grpo.reward = {spec!r}: calling it as fn(response_text, "
+                              f"gold_codes) on a dummy response raised {type(e).__name__}: {e}") \
+                from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ConfigError(f"grpo.reward = {spec!r}: returned {value!r} on a dummy response; "
+                              "a reward function must return a finite number")
+    return RewardSpec("user", fn, missed)
 
 
 def _read_toml(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
@@ -246,6 +467,10 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str) -> Any:
 def _coerce(tp: Any, value: Any, what: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise ConfigError(f"{what} = {value!r}: expected one of {', '.join(map(str, args))}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -27,9 +27,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
+from minicd.data.truncate import fit_prompt
 from minicd.errors import ConfigError
+from minicd.model.tokenizer import encode_prompt
+
+if TYPE_CHECKING:
+    from minicd.data.records import Record
+    from minicd.model.tokenizer import Tokenizer
 
 # --- dataset fills -------------------------------------------------------------------------
 
@@ -324,3 +330,24 @@ def coding_prompt(
         blocks.append(hint_block(hints, code_system, describe, mini_example=mini_example))
     blocks.append(_fill(OUTPUT_FORMAT_INSTRUCTION, fills))
     return "\n\n".join(blocks)
+
+
+# ------------------------------------------------------------------ record -> prompt ids
+def user_prompt(rec: "Record", tok: "Tokenizer", data_cfg: object,
+                hints: Sequence[str] | None = None, describe: Describe | None = None) -> str:
+    """The coding user turn for ``rec`` (:func:`coding_prompt`, with the Appendix E hint block
+    when ``hints`` are given), its note middle-out truncated so the whole user text fits
+    ``data.max_prompt_tokens``; chat markup adds a few tokens on top. ``describe(code, system)``
+    renders hint descriptions (PHI)."""
+    setting = PromptSetting.from_config(data_cfg)
+    return fit_prompt(lambda note: coding_prompt(note, rec.code_system, hints or None,
+                                                 setting=setting, describe=describe),
+                      rec.note, data_cfg.max_prompt_tokens, tok)
+
+
+def prompt_ids(rec: "Record", tok: "Tokenizer", data_cfg: object,
+               hints: Sequence[str] | None = None, describe: Describe | None = None) -> list[int]:
+    """Generation-prompt ids for ``rec``: the one prompt of validation, rollouts, inference and
+    PHI's hinted rollouts (no hints: the hint-free prompt)."""
+    return encode_prompt(tok, [{"role": "user",
+                                "content": user_prompt(rec, tok, data_cfg, hints, describe)}])

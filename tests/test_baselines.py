@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+import minicd.rollout.inference as inference
 import minicd.train.common as common
 from minicd.baselines import BaselinePrompter
 from minicd.config import load_config
@@ -160,6 +161,9 @@ class _SpyEngine:
     def __init__(self) -> None:
         self.prompts: list[list[int]] = []
 
+    def close(self) -> None:
+        pass
+
     def generate(self, prompts, params):
         self.prompts += [list(p) for p in prompts]
         return [[Generation(i, 0, [1], "<code>401.9</code>", "stop")] for i in range(len(prompts))]
@@ -169,7 +173,7 @@ def test_run_rollout_feeds_baseline_prompts(assets, tmp_path, monkeypatch):
     """run_rollout(prompt_kind=...) sends the engine the baseline prompts of the scored split with
     shots retrieved from the train split only (expected ids built independently)."""
     spy = _SpyEngine()
-    monkeypatch.setattr(common, "build_engine", lambda *a, **k: spy)
+    monkeypatch.setattr(inference, "build_engine", lambda *a, **k: spy)
     cfg = load_config(_config(assets, tmp_path / "c.toml", BIG))
     train, test, tok = assets["train"], assets["test"], assets["tok"]
     ref = _reference_shots(train, test[:3])

@@ -92,3 +92,77 @@ def test_every_shipped_preset_loads():
             assert cfg.data.code_system == ("icd9" if corpus == "mimic3" else "icd10")
             assert cfg.model.template == ("qwen3" if backbone.startswith("qwen3") else "qwen2.5")
             assert cfg.sft.lr == 1e-5 and cfg.grpo.kl_coef == 1e-3      # the paper's values
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("grpo.kl_kind=k4", r"grpo\.kl_kind = 'k4': expected one of k1, k2, k3"),
+    ("grpo.agg=token_mean", r"grpo\.agg = 'token_mean': expected one of token-mean, seq-mean"),
+    ("rollout.engine=vlm", r"rollout\.engine = 'vlm': expected one of torch, vllm"),
+    ("lora.init_mode=merg", r"lora\.init_mode = 'merg': expected one of merge, continue"),
+    ("train.mixed_precision=bf17", r"train\.mixed_precision = 'bf17'"),
+    ("sft.lr=0", r"sft\.lr = 0\.0: must be > 0"),
+    ("grpo.lr=-1e-5", r"grpo\.lr = -1e-05: must be > 0"),
+    ("train.num_threads=0", r"train\.num_threads = 0: must be >= 1"),
+    ("grpo.group_size=1", r"grpo\.group_size = 1: must be >= 2"),
+    ("rollout.temperature=-0.5", r"rollout\.temperature = -0\.5: must be >= 0"),
+    ("rollout.top_p=0", r"rollout\.top_p = 0\.0: must be in \(0, 1\]"),
+    ("rollout.top_p=1.5", r"rollout\.top_p = 1\.5"),
+    ("rollout.max_new_tokens=0", r"rollout\.max_new_tokens = 0: must be >= 1"),
+    ("lora.r=0", r"lora\.r = 0: must be an integer >= 1"),
+    ("data.train_limit=-5", r"data\.train_limit = -5: must be >= 1"),
+    ("data.val_limit=-1", r"data\.val_limit = -1"),
+    ("phi.p_inject=1.5", r"phi\.p_inject = 1\.5: must be in \[0, 1\]"),
+    ("train.max_steps=0", r"train\.max_steps = 0"),
+    ("grpo.dual_clip=0.5", r"grpo\.dual_clip = 0\.5: must be > 1"),
+    ("grpo.reward=fbeta:-1", r"grpo\.reward = 'fbeta:-1'"),
+    ("grpo.reward=f1+missed:-1", r"grpo\.reward = 'f1\+missed:-1'.*lambda must be a number > 0"),
+    ("grpo.advantage=ppo", r"grpo\.advantage = 'ppo': expected one of grpo, dr_grpo, rloo"),
+    ("grpo.ratio_level=group", r"grpo\.ratio_level = 'group': expected one of token, sequence"),
+    ("grpo.loss=ppo", r"grpo\.loss = 'ppo': expected one of clip, cispo"),
+    ("grpo.agg=sum", r"grpo\.agg = 'sum': expected one of token-mean, seq-mean, "
+                     r"seq-mean-token-sum-norm"),
+    ("grpo.adv_std=none", r"unknown key\(s\) grpo\.adv_std; valid keys here: .*advantage"),
+    ("train.dist_timeout_s=10", r"train\.dist_timeout_s = 10\.0: must be in \[60, 86400\]"),
+    ("rollout.sleep=2", r"rollout\.sleep: expected true or false"),
+])
+def test_every_value_is_checked_at_load(override, needle):
+    """Enumerations (Literal types) and ranges fail at load, naming key, value and the rule."""
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_stage_rules_across_sections():
+    # greedy rollouts: all G samples identical -> every advantage zero; refused, not trained
+    load_config(None, ["rollout.temperature=0"])           # fine for SFT / inference
+    with pytest.raises(ConfigError, match=r"rollout\.temperature = 0\.0: must be > 0 for --stage grpo"):
+        load_config(None, ["rollout.temperature=0"], stage="grpo")
+    with pytest.raises(ConfigError, match=r"grpo\.kl_coef = 0\.001 needs lora\.enabled"):
+        load_config(None, ["lora.enabled=false"], stage="grpo")
+    load_config(None, ["lora.enabled=false", "grpo.kl_coef=0"], stage="grpo")
+    with pytest.raises(ConfigError, match=r"lora\.enabled = false: PHI needs"):
+        load_config(None, ["lora.enabled=false", "grpo.kl_coef=0"], stage="phi")
+    load_config(None, ["lora.enabled=false"], stage="sft")
+    with pytest.raises(ConfigError, match=r"grpo\.dual_clip = 3\.0: must be unset with grpo\.loss"):
+        load_config(None, ["grpo.loss=cispo", "grpo.dual_clip=3.0"])
+    load_config(None, ["grpo.loss=cispo", "grpo.ratio_level=sequence", "grpo.mask_truncated=true",
+                       "grpo.advantage=rloo", "grpo.agg=seq-mean-token-sum-norm"], stage="grpo")
+
+
+def test_user_reward_is_imported_and_called_at_load(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def good(text, gold):\n    return 0.5\n"
+        "def text_out(text, gold):\n    return 'high'\n"
+        "def nan_out(text, gold):\n    return float('nan')\n"
+        "def raises(text, gold):\n    raise KeyError('gold')\n"
+        "NOT_A_FUNCTION = 3\n")
+    (tmp_path / "broken_rewards.py").write_text("import no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_config(None, ["grpo.reward=my_rewards:good"]).grpo.reward == "my_rewards:good"
+    for spec, needle in [("my_rewards:text_out", "returned 'high'"),
+                         ("my_rewards:nan_out", "returned nan"),
+                         ("my_rewards:raises", "raised KeyError"),
+                         ("my_rewards:NOT_A_FUNCTION", "is not callable"),
+                         ("my_rewards:missing", "cannot import it"),
+                         ("broken_rewards:fn", "ModuleNotFoundError")]:
+        with pytest.raises(ConfigError, match=r"grpo\.reward = '" + spec + "'.*" + needle):
+            load_config(None, [f"grpo.reward={spec}"])

@@ -151,12 +151,23 @@ engine = "torch"
 max_new_tokens = 8
 """)
     init = [f"lora.init_adapter={json.dumps(str(sft_single / 'adapter'))}",
-            'lora.init_mode="continue"', "train.max_steps=2", "train.micro_batch_size=4"]
+            'lora.init_mode="continue"', "train.max_steps=2", "train.micro_batch_size=4",
+            # greedy validation of 5 records in chunks of 2: rank 0 decodes 3, rank 1 decodes 2
+            # and then steps along with dummy forwards (FSDP2 lockstep)
+            "data.val_limit=5", "rollout.max_batch_size=2", "train.eval_every=1"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_grpo(load_config(config, [f"train.output_dir={json.dumps(str(single))}", *init]))
     _torchrun("--stage", "grpo", "--config", str(config), f"train.output_dir={multi}", *init)
     one, two = read_metrics(single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    # step 0: validation of the starting policy (train.eval_at_start)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2]
+    for a, b in zip(one, two):  # the rank-sharded greedy validation equals one process's
+        for key in ("val/micro_f1", "val/span_rate", "val/truncation_rate"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    one, two = one[1:], two[1:]
+    # each rank sampled its own B / world = 1 prompt per step; one process sampled all B = 2
+    assert [r["rollout_prompts_rank_max"] for r in one] == [2, 2]
+    assert [r["rollout_prompts_rank_max"] for r in two] == [1, 1]
     assert one[0]["kl"] > 1e-4 and one[0]["loss"] != 0.0  # a real loss to compare
     for r in one:  # rewards vary within groups: nonzero advantages, a live policy gradient
         assert r["reward_std"] > 0 and r["zero_var_frac"] < 1
@@ -177,9 +188,9 @@ max_new_tokens = 8
 @pytest.mark.distributed
 def test_phi_two_ranks_match_one_process(assets, sft_single, tmp_path, monkeypatch):
     """Two PHI rounds of 2 GRPO steps from the SFT adapter (merged once into out/sft_model), with
-    hints drawn on p = 0.5 of the prompts: rank 0 alone runs the hint-free refresh inference while
-    rank 1 waits; both ranks must render the same hinted prompts and end with the same pools,
-    round metrics and adapter as one process."""
+    hints drawn on p = 0.5 of the prompts: the hint-free refreshes are rank-sharded (chunks of 3
+    of the 8 records dealt to the ranks), each rank renders and samples its own hinted prompts,
+    and the run must end with the same pools, round metrics and adapter as one process."""
     monkeypatch.syspath_prepend(str(REPO))
     config = tmp_path / "phi.toml"
     config.write_text(assets["sft_config"].read_text() + """
@@ -195,7 +206,8 @@ max_new_tokens = 8
 rounds = 2
 """)
     init = [f"lora.init_adapter={json.dumps(str(sft_single / 'adapter'))}", "train.max_steps=2",
-            "train.micro_batch_size=4", "data.train_limit=8", "data.max_prompt_tokens=960"]
+            "train.micro_batch_size=4", "data.train_limit=8", "data.max_prompt_tokens=960",
+            "rollout.max_batch_size=3"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_phi(load_config(config, [f"train.output_dir={json.dumps(str(single))}", *init]))
     _torchrun("--stage", "phi", "--config", str(config), f"train.output_dir={multi}", *init,
@@ -219,6 +231,11 @@ rounds = 2
             assert b["response_tokens"] == a["response_tokens"] > 0
             for key in ("reward_mean", "reward_std", "loss", "kl"):
                 assert abs(a[key] - b[key]) <= TOL, (r, a["step"], key, a[key], b[key])
+            assert (a["rollout_prompts_rank_max"], b["rollout_prompts_rank_max"]) == (2, 1)
+        # every rank drew and recorded the hints of its own prompts: 1 per step each
+        for rank in range(2):
+            rows = (multi / f"round-{r}" / f"hint_draws-rank{rank}.jsonl").read_text().splitlines()
+            assert sorted(json.loads(x)["index"] for x in rows) == [rank, rank]
     diff = _max_adapter_diff(_adapter(single), _adapter(multi))
     print(f"phi pools equal; hint rates {[r['hint_rate'] for r in rows1]}; adapter max |diff| "
           f"{diff:.3g}")

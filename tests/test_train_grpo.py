@@ -7,6 +7,7 @@ adapter moves; one CLI run uses the real torch engine end to end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import minicd.rollout.inference as inference
 import minicd.train.grpo as grpo
 from minicd.algo.grpo import policy_loss
 from minicd.algo.logprobs import model_token_logprobs
@@ -91,6 +93,19 @@ class PoolEngine:
 
     def __init__(self, tok, pool):
         self.tok, self.pool, self.version, self.calls = tok, pool, 0, []
+        self.awake, self.closed = True, False
+
+    def lockstep(self):
+        return contextlib.nullcontext()
+
+    def sleep(self):
+        self.awake = False
+
+    def wake_up(self):
+        self.awake = True
+
+    def close(self):
+        self.closed = True
 
     @property
     def weight_version(self):
@@ -104,6 +119,7 @@ class PoolEngine:
         return self.pool[int(np.random.default_rng(seed).integers(len(self.pool)))]
 
     def generate(self, prompts, params):
+        assert self.awake and not self.closed
         self.calls.append((len(prompts), params.seed))
         out = []
         for i, _ in enumerate(prompts):
@@ -121,11 +137,11 @@ class PoolEngine:
 def pool_engine(assets, monkeypatch):
     engines = []
 
-    def build(cfg, model, tok, lora_cfg):
+    def build(cfg, model, tok, lora_cfg, **kwargs):
         engines.append(PoolEngine(tok, assets["pool"]))
         return engines[-1]
 
-    monkeypatch.setattr(grpo, "build_engine", build)
+    monkeypatch.setattr(inference, "build_engine", build)
     return engines
 
 
@@ -254,7 +270,7 @@ def _reference_loss(model, batch, g: GRPOConfig) -> torch.Tensor:
     return loss
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("shared", [True, False])  # prompt once per group / collated rows
 def test_update_equals_whole_batch_loss_and_is_micro_batch_invariant(assets, agg, shared):
     g = GRPOConfig(kl_coef=0.1, grad_clip=0.0, agg=agg, lr=1e-3, weight_decay=0.0,
@@ -282,6 +298,80 @@ def test_update_equals_whole_batch_loss_and_is_micro_batch_invariant(assets, agg
             torch.testing.assert_close(ad[name], adapters[0][name], rtol=0, atol=1e-6)
     for name in ref_grads:
         torch.testing.assert_close(grads[0][name], ref_grads[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+def test_masked_rows_are_left_out_of_the_loss(assets, agg):
+    """grpo.mask_truncated: rows with keep = 0 give the loss and gradients of the batch without
+    them (token-mean: their tokens leave the denominator; seq-mean: the rows leave the mean)."""
+    g = GRPOConfig(kl_coef=0.1, grad_clip=0.0, agg=agg, lr=1e-3, weight_decay=0.0)
+    model, batch = _update_inputs(assets)
+    keep = [1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    rows = [i for i, k in enumerate(keep) if k]
+    masked = grpo.RolloutBatch(batch.prompts, batch.responses, batch.advantages,
+                               torch.tensor(keep))
+    smaller = grpo.RolloutBatch([batch.prompts[i] for i in rows],
+                                [batch.responses[i] for i in rows], batch.advantages[rows])
+    results, grads = [], []
+    for b, mbs in ((masked, 4), (smaller, 4), (batch, 4)):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0)
+        results.append(grpo.grpo_update(m, opt, b, g, micro_batch_size=mbs, pad_id=0))
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-6)
+    assert results[0]["loss"] != pytest.approx(results[2]["loss"], abs=1e-4)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-6)
+
+
+def test_variant_config_keys_reach_the_step(assets, pool_engine, tmp_path, monkeypatch):
+    """grpo.reward = weighted_f1 (frequencies of the training records), grpo.advantage = rloo,
+    grpo.mask_truncated (the engine's length-cut responses), Dr. GRPO's L = max_new_tokens."""
+    seen = {}
+    update = grpo.grpo_update
+
+    def spy(model, optimizer, batch, g, **kw):
+        seen.update(batch=batch, norm_len=kw["norm_len"], g=g)
+        return update(model, optimizer, batch, g, **kw)
+
+    monkeypatch.setattr(grpo, "grpo_update", spy)
+    out = tmp_path / "variants"
+    grpo.run_grpo(_cfg(assets, out, "train.max_steps=1", "grpo.reward=weighted_f1",
+                       "grpo.advantage=rloo", "grpo.mask_truncated=true",
+                       "grpo.agg=seq-mean-token-sum-norm", "grpo.ratio_level=sequence",
+                       "grpo.loss=cispo"))
+    engine, seed = pool_engine[0], grpo.rollout_seed(0, 0)
+    recs = [assets["train"][i] for i in grpo.step_prompt_indices(12, 2, 0, 0)]
+    texts = [[engine.text(seed + j * 4 + s) for s in range(4)] for j in range(2)]
+    freq = Counter(c for r in assets["train"] for c in set(r.codes))
+
+    def w(c):
+        return 1 / freq[c] ** 0.5 if c in freq else 1.0
+
+    def wf1(pred, gold):
+        tp, fp, fn = (sum(map(w, x)) for x in (pred & gold, pred - gold, gold - pred))
+        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+    rewards = [wf1(_codes(t), set(r.codes)) for r, row in zip(recs, texts) for t in row]
+    assert any(wf1(_codes(t), set(r.codes)) != _f1(_codes(t), set(r.codes))
+               for r, row in zip(recs, texts) for t in row if _codes(t))
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert row["reward_mean"] == pytest.approx(sum(rewards) / 8, abs=1e-12)
+    rloo = [r - (sum(rewards[4 * (i // 4):4 * (i // 4) + 4]) - r) / 3 for i, r in enumerate(rewards)]
+    flat_groups = [max(rewards[4 * j:4 * j + 4]) == min(rewards[4 * j:4 * j + 4]) for j in range(2)]
+    rloo = [0.0 if flat_groups[i // 4] else a for i, a in enumerate(rloo)]
+    torch.testing.assert_close(seen["batch"].advantages, torch.tensor(rloo), rtol=0, atol=1e-6)
+    flat = [t for r in texts for t in r]
+    assert seen["batch"].keep.tolist() == [float(t != "no answer") for t in flat]
+    assert "no answer" in flat and seen["norm_len"] == 6
+    assert (seen["g"].ratio_level, seen["g"].loss) == ("sequence", "cispo")
+
+
+def test_missed_bonus_needs_phi_pools(assets, tmp_path):
+    # refused before any model is loaded: plain GRPO has no pools of missed codes
+    with pytest.raises(ConfigError, match=r"grpo\.reward = 'f1\+missed:0\.1'.*needs --stage phi"):
+        grpo.run_grpo(_cfg(assets, tmp_path / "x", "grpo.reward=f1+missed:0.1",
+                           "model.path=/nonexistent"))
 
 
 def test_two_updates_per_batch_use_recomputed_old_logprobs(assets):
@@ -331,6 +421,9 @@ def test_run_checkpoint_kl_and_exact_resume(assets, pool_engine, tmp_path):
 def test_engine_must_advance_weight_version():
     class Stale:
         weight_version = 3
+
+        def wake_up(self):
+            pass
 
         def sync_policy(self, model, state_dict=None):
             return 3
@@ -391,3 +484,53 @@ def test_policy_from_a_previous_adapter_and_its_reference(assets, tmp_path, mode
     torch.testing.assert_close(start, sft_logits, rtol=0, atol=1e-5)   # starts at the SFT policy
     expected_ref = sft_logits if mode == "merge" else base_logits
     torch.testing.assert_close(ref, expected_ref, rtol=0, atol=1e-5)
+
+
+SYNC_METHODS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__")
+
+
+def _count_syncs(monkeypatch, skip_files: tuple[str, ...], skip_dirs: tuple[str, ...]) -> Counter:
+    """Count host reads of tensors (``.item()``, ``.tolist()``, ``.cpu()``, ``float(t)``,
+    ``int(t)``, ``bool(t)``) made by minicd code, keyed by file:line of the caller."""
+    pkg = str(REPO / "minicd")
+    counts: Counter = Counter()
+    for name in SYNC_METHODS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, __real=real, **kwargs):
+            frame = sys._getframe(1)
+            where = frame.f_code.co_filename
+            rel = where[len(pkg) + 1:]
+            if (where.startswith(pkg) and not rel.endswith(skip_files)
+                    and not rel.startswith(skip_dirs)):
+                counts[f"{rel}:{frame.f_lineno}"] += 1
+            return __real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return counts
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_update_reads_statistics_once_whatever_the_micro_batching(assets, monkeypatch, shared):
+    """Device syncs of one GRPO update do not grow with the number of micro-batches: the loss
+    statistics stay tensors and are read back once (plus the one read of the token counts).
+    Not counted: ``algo/grpo.py``'s ``policy_loss``, which returns its statistics as floats in
+    this branch (its owner makes them 0-dim tensors), and the decoder's padding check (one
+    ``bool(mask.all())`` per padded forward, in ``minicd/model``: a forward's sync, not a loss
+    statistic's)."""
+    g = GRPOConfig(kl_coef=0.1, grad_clip=1.0, lr=1e-3, shared_prefix=shared)
+    model, batch = _update_inputs(assets)
+    per_run = []
+    for mbs in (6, 1):  # one micro-batch vs six
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=g.lr)
+        with monkeypatch.context() as mp:
+            counts = _count_syncs(mp, skip_files=("algo/grpo.py",), skip_dirs=("model/",))
+            res = grpo.grpo_update(m, opt, batch, g, micro_batch_size=mbs, pad_id=0)
+        per_run.append(counts)
+        assert res["loss"] != 0.0 and res["grad_norm"] > 0
+    one, six = per_run
+    print(f"syncs with 1 micro-batch: {dict(one)}; with 6: {dict(six)}")
+    in_loop = {k: v for k, v in six.items() if k.startswith("train/grpo.py")}
+    assert sum(in_loop.values()) == 2, in_loop   # token counts, then all statistics
+    assert sum(six.values()) == sum(one.values()), (one, six)

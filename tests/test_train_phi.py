@@ -9,6 +9,7 @@ used throughout; one CLI run uses the real torch engine for 2 rounds end to end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import minicd.rollout.inference as inference
 import minicd.train.common as common
-import minicd.train.grpo as grpo
 import minicd.train.phi as phi
 from minicd.config import PHIConfig, load_config
 from minicd.data.records import read_records
@@ -30,6 +31,7 @@ from minicd.log import read_metrics
 from minicd.model.hub import load_model, load_tokenizer
 from minicd.model.lora import LoRAConfig, inject_lora, save_adapter
 from minicd.rollout.engine import Generation
+from minicd.train.grpo import rollout_seed, step_prompt_indices
 from train_fixtures import build_assets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,13 +117,16 @@ def _hinted_codes(text: str) -> list:
 
 
 class Scripted:
-    """Training engine (answers from a fixed pool, seeded per (prompt, sample)) or refresh engine
-    (answers by record: first (i % 3) + k gold codes and 999.9). Records every prompt it sees."""
+    """The stage's one engine. Sampled calls (GRPO rollouts) answer from a fixed pool, seeded per
+    (prompt, sample); greedy calls (pool refreshes) answer by record: first (i % 3) + k gold
+    codes and 999.9. Records every prompt it sees, per kind."""
 
-    def __init__(self, tok, answers=None, refresh=None):
+    def __init__(self, tok, answers, refresh, kill_at_call=None):
         self.tok, self.answers, self.refresh, self.version = tok, answers, refresh, 0
-        self.prompts: list[list[int]] = []
-        self.on_generate = None
+        self.train_prompts: list[list[int]] = []
+        self.refresh_prompts: list[list[int]] = []
+        self.sampled_calls, self.kill_at_call = 0, kill_at_call
+        self.closed = False
 
     @property
     def weight_version(self):
@@ -131,15 +136,31 @@ class Scripted:
         self.version += 1
         return self.version
 
+    def lockstep(self):
+        return contextlib.nullcontext()
+
+    def sleep(self):
+        pass
+
+    def wake_up(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
     def generate(self, prompts, params):
-        if self.on_generate:
-            self.on_generate()
+        assert not self.closed
+        greedy = params.temperature == 0.0
+        if not greedy:
+            self.sampled_calls += 1
+            if self.sampled_calls == self.kill_at_call:
+                os.kill(os.getpid(), signal.SIGTERM)
         out = []
         for i, p in enumerate(prompts):
-            self.prompts.append(list(p))
+            (self.refresh_prompts if greedy else self.train_prompts).append(list(p))
             row = []
             for s in range(params.n):
-                if self.refresh is not None:
+                if greedy:
                     text = self.refresh(list(p))
                 else:
                     seed = params.seed + i * params.n + s
@@ -152,12 +173,12 @@ class Scripted:
 
 @pytest.fixture
 def scripted(assets, monkeypatch):
-    """Patch both engines and the prompt builder; returns what they saw."""
+    """Patch the stage engine and wrap the prompt builder; returns what they saw."""
     tok, train = assets["tok"], assets["train"]
     data_cfg = load_config(assets["config"]).data
     free = {tuple(common.prompt_ids(r, tok, data_cfg)): i for i, r in enumerate(train)}
-    seen = {"train": [], "refresh": [], "built": [], "k": 0, "kill_round": None}
-    answers = [f"<code>{train[0].codes[0]}</code>", f"<code>{train[1].codes[0]}, 401.9</code>",
+    seen = {"engines": [], "built": [], "k": 0, "kill_at_call": None}
+    seen["answers"] = answers = [f"<code>{train[0].codes[0]}</code>", f"<code>{train[1].codes[0]}, 401.9</code>",
                "<code></code>", f"<code>{', '.join(train[2].codes)}</code>"]
 
     def refresh_answer(p):
@@ -165,36 +186,33 @@ def scripted(assets, monkeypatch):
         codes = train[i].codes[:(i % 3) + seen["k"]]
         return "<code>" + ", ".join(list(codes) + ["999.9"]) + "</code>"
 
-    def train_engine(cfg, model, tok_, lora_cfg):
-        e = Scripted(tok, answers=answers)
-        seen["train"].append(e)
-        if seen["kill_round"] == len(seen["train"]) - 1:
-            e.on_generate = lambda: os.kill(os.getpid(), signal.SIGTERM)
-        return e
+    def build_engine(cfg, model, tok_, lora_cfg, **kwargs):
+        seen["engines"].append(Scripted(tok, answers, refresh_answer, seen["kill_at_call"]))
+        return seen["engines"][-1]
 
-    def refresh_engine(cfg, model, tok_, lora_cfg):
-        seen["refresh"].append(Scripted(tok, refresh=refresh_answer))
-        return seen["refresh"][-1]
+    real_refresh, real_builder = phi.refresh_predictions, phi.prompt_builder
 
-    real_rollout, real_builder = phi.run_rollout, phi.prompt_builder
-
-    def rollout(cfg, split, out, **kw):
-        out = Path(out)
+    def refresh(engine, cfg, tok_, records, out, **kw):
         seen["k"] = 0 if out.name.startswith("init") else int(out.parent.name.split("-")[1]) + 1
-        return real_rollout(cfg, split, out, **kw)
+        return real_refresh(engine, cfg, tok_, records, out, **kw)
 
-    def builder(pools, weights, cfg, round_index, tok_, describe):
-        build = real_builder(pools, weights, cfg, round_index, tok_, describe)
+    class Recorded:
+        def __init__(self, build, round_index):
+            self.build, self.round_index = build, round_index
 
-        def recorded(rec, step, index):
-            ids = build(rec, step, index)
-            seen["built"].append((round_index, rec.id, step, index, ids))
+        def __call__(self, rec, step, index):
+            ids = self.build(rec, step, index)
+            seen["built"].append((self.round_index, rec.id, step, index, ids))
             return ids
-        return recorded
 
-    monkeypatch.setattr(grpo, "build_engine", train_engine)
-    monkeypatch.setattr(common, "build_engine", refresh_engine)
-    monkeypatch.setattr(phi, "run_rollout", rollout)
+        def read(self):
+            return self.build.read()
+
+    def builder(pools, weights, cfg, round_index, *args):
+        return Recorded(real_builder(pools, weights, cfg, round_index, *args), round_index)
+
+    monkeypatch.setattr(inference, "build_engine", build_engine)
+    monkeypatch.setattr(phi, "refresh_predictions", refresh)
     monkeypatch.setattr(phi, "prompt_builder", builder)
     return seen
 
@@ -259,10 +277,13 @@ def test_rounds_pools_hints_and_metrics(assets, scripted, tmp_path):
         assert rows[rnd]["unhinted_recovery"] == pytest.approx(len(others & left) / len(others))
         total_hinted += hinted
     assert 0 < total_hinted < 8  # both hinted and hint-free prompts occur
+    # one engine served the whole stage (round-0 pools, both rounds, both refreshes), closed
+    (engine,) = scripted["engines"]
+    assert engine.closed
     # GRPO prompts are exactly the built (hinted or not) prompts; refresh prompts never hinted
-    sent = [p for e in scripted["train"] for p in e.prompts]
+    sent = engine.train_prompts
     assert sorted(map(tuple, sent)) == sorted(tuple(x[4]) for x in built)
-    refreshed = [p for e in scripted["refresh"] for p in e.prompts]
+    refreshed = engine.refresh_prompts
     assert len(refreshed) == 3 * N
     assert all("Training hint" not in tok.decode(p) for p in refreshed)
     # final adapter = last round's, on top of the merged SFT model
@@ -287,12 +308,12 @@ def test_hint_draws_inject_about_p(assets):
 def test_resume_mid_round_matches_uninterrupted(assets, scripted, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     phi.run_phi(_cfg(assets, full, "train.max_steps=2"))
-    scripted["kill_round"] = 1 + len(scripted["train"])  # round 1 of the next run
+    scripted["kill_at_call"] = 3  # SIGTERM in round 1's first rollout (2 steps per round)
     stopped = phi.run_phi(_cfg(assets, part, "train.max_steps=2"))
     assert stopped["stopped"] is True and stopped["round"] == 1 and stopped["step"] == 1
     assert json.loads((part / "phi_state.json").read_text())["round"] == 1
     assert not (part / "adapter").exists()
-    scripted["kill_round"] = None
+    scripted["kill_at_call"] = None
     phi.run_phi(_cfg(assets, part, "train.max_steps=2", "train.resume=true"))
     assert [r["step"] for r in read_metrics(part / "round-1" / "metrics.jsonl")] == [1, 2]
     assert [r["step"] for r in read_metrics(part / "round-0" / "metrics.jsonl")] == [1, 2]
@@ -354,3 +375,31 @@ def test_pool_transitions_by_hand():
     got = phi.pool_transitions(before, after, {})
     assert got["hinted_codes"] == 0 and got["hinted_recovery"] is None
     assert got["unhinted_recovery"] == pytest.approx(2 / 4)
+
+
+def test_missed_code_bonus_reads_the_round_pools(assets, scripted, tmp_path, monkeypatch):
+    """grpo.reward = "f1+missed:0.5": each rollout earns F1 + 0.5 per code of its record's
+    round-0 pool (the codes the start policy missed) that it predicts."""
+    out, train = tmp_path / "bonus", assets["train"]
+    # record i's round-0 pool is codes[i % 3:] (the refresh engine's construction): rollouts
+    # answer with every pooled code, or with nothing
+    pooled = sorted({c for i, r in enumerate(train) for c in r.codes[i % 3:]})
+    answers = ["<code>" + ", ".join(pooled) + "</code>", "<code></code>"]
+    scripted["answers"][:] = answers  # the sampled answers of the stage's scripted engine
+    phi.run_phi(_cfg(assets, out, "phi.rounds=1", "train.max_steps=1",
+                     "grpo.reward=f1+missed:0.5"))
+    pools0 = _hand_pools(out / "init_train_predictions.jsonl", train)
+    used = [r for r in train if pools0[r.id]]
+    recs = [used[i] for i in step_prompt_indices(len(used), 2, 0, 0)]
+    seed = rollout_seed(0, 0)
+    f1s, bonuses = [], []
+    for j, rec in enumerate(recs):
+        for s in range(4):
+            pred = set(_codes(answers[int(np.random.default_rng(seed + j * 4 + s)
+                                          .integers(len(answers)))]))
+            gold = set(rec.codes)
+            f1s.append(2 * len(pred & gold) / (len(pred) + len(gold)) if pred else 0.0)
+            bonuses.append(0.5 * len(pred & gold & set(pools0[rec.id])))
+    assert sum(bonuses) > 0 and 0 in bonuses
+    row = [r for r in read_metrics(out / "round-0" / "metrics.jsonl") if "reward_mean" in r][0]
+    assert row["reward_mean"] == pytest.approx((sum(f1s) + sum(bonuses)) / 8, abs=1e-12)

@@ -2,16 +2,23 @@
 
 A rollout engine turns token-id prompts into sampled responses. The GRPO / PHI stage loops talk
 to it only through :class:`RolloutEngine`: ``generate`` (G samples per prompt, step 3 of a GRPO
-step) and ``sync_policy`` (push the current policy before generating, step 2). Two engines
-implement it: :class:`minicd.rollout.torch_engine.TorchEngine`, a pure-torch KV-cache sampler
-that reads the live policy module, and a vLLM engine (``minicd.rollout.vllm_engine``) that
-receives LoRA tensors or full weights through ``sync_policy``.
+step), ``sync_policy`` (push the current policy before generating, step 2), ``lockstep`` (a
+context for rank-sharded generation), ``sleep`` / ``wake_up`` (free device memory for the
+training passes) and ``close``. Two engines implement it:
+:class:`minicd.rollout.torch_engine.TorchEngine`, a pure-torch KV-cache sampler that reads the
+live policy module, and a vLLM engine (``minicd.rollout.vllm_engine``) that receives LoRA tensors
+or full weights through ``sync_policy``.
+
+What differs between the engines lives in them, not in the stage loops: under ``torchrun`` every
+rank generates only its own prompts with either engine; the vLLM engine gathers an FSDP2-sharded
+policy itself in ``sync_policy``; the torch engine, whose forwards on a sharded policy are
+collective, keeps the ranks stepping together inside ``lockstep`` until every rank is done.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import ContextManager, Literal, Protocol, Sequence, runtime_checkable
 
 from torch import nn
 
@@ -84,13 +91,22 @@ class Generation:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the stage loops need from a rollout engine (torch now; vLLM implements the same).
+    """What the stage loops need from a rollout engine (torch and vLLM implement it).
 
     ``generate(prompts, params)`` returns one list per prompt, in prompt order, each holding
-    ``params.n`` :class:`Generation` records ordered by ``sample_index``.
+    ``params.n`` :class:`Generation` records ordered by ``sample_index``. With ``params.seed``
+    set and sampling, prompt ``i``'s samples come from streams seeded by ``seed + i * n`` and do
+    not depend on the other prompts of the call: a rank generating global prompts ``j0 ..`` with
+    ``seed + j0 * n`` draws what one process drawing all of them draws.
     ``sync_policy(model)`` makes subsequent generations use ``model``'s current weights and returns
-    the new weight version; ``weight_version`` is the version generations currently use (the
-    trainer asserts it changed after a sync).
+    the new weight version (collective when ``model`` is FSDP2-sharded: every rank calls it);
+    ``weight_version`` is the version generations currently use (the trainer asserts it changed
+    after a sync).
+    ``lockstep()``: a context manager inside which ranks may make different numbers of
+    ``generate`` calls of different lengths; an engine whose forwards are collective keeps every
+    rank stepping until all have left it (a null context otherwise).
+    ``sleep()`` / ``wake_up()``: release / restore the engine's device memory around training
+    passes (no-ops where it holds none or cannot). ``close()``: release everything (idempotent).
     """
 
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -102,4 +118,16 @@ class RolloutEngine(Protocol):
 
     @property
     def weight_version(self) -> int:
+        ...
+
+    def lockstep(self) -> ContextManager:
+        ...
+
+    def sleep(self) -> None:
+        ...
+
+    def wake_up(self) -> None:
+        ...
+
+    def close(self) -> None:
         ...

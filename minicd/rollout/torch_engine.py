@@ -15,6 +15,8 @@ and the vLLM one alike).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -24,6 +26,10 @@ from minicd.errors import DataError
 from minicd.log import progress as progress_bar
 from minicd.model.qwen import KVCache
 from minicd.rollout.engine import Generation, SamplingParams
+from minicd.rollout.lockstep import Lockstep, is_sharded
+
+
+_NULL_CONTEXT = contextlib.nullcontext()
 
 COMPACT_AT = 0.75  # compact the cache when at most this fraction of its rows is still generating
 
@@ -102,14 +108,37 @@ class TorchEngine:
         self._version += 1
         return self._version
 
+    def lockstep(self):
+        """Rank-sharded generation context: on an FSDP2-sharded model (collective forwards) the
+        ranks step together until every rank is done (:class:`~minicd.rollout.lockstep.Lockstep`);
+        otherwise a null context."""
+        if is_sharded(self.model):
+            return Lockstep(self.model, self.device)
+        return _NULL_CONTEXT
+
+    def sleep(self) -> None:
+        """No-op: the engine holds no memory of its own between calls."""
+
+    def wake_up(self) -> None:
+        """No-op (see :meth:`sleep`)."""
+
+    def close(self) -> None:
+        """No-op: nothing to release (the model belongs to the trainer)."""
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                  progress: bool = False) -> list[list[Generation]]:
         """``params.n`` responses for each of ``prompts`` (token ids), grouped per prompt.
 
-        Sampling uses one ``torch.Generator`` seeded with ``params.seed`` for the whole call, so
-        a seed reproduces a call (with the same ``max_batch_size``); greedy results do not
-        depend on batching. ``progress`` shows a bar over batches.
+        Sampling with ``params.seed`` set: prompt ``i``'s samples come from one
+        ``torch.Generator`` seeded ``seed + i * n`` (each prompt is its own sub-call), so they do
+        not depend on the other prompts of the call (the protocol's contract: rank-sharded
+        rollouts equal one process's). Greedy results do not depend on batching. ``progress``
+        shows a bar over batches.
         """
+        if params.seed is not None and not params.greedy and len(prompts) > 1:
+            return [[dataclasses.replace(g, prompt_index=i) for g in self.generate(
+                        [p], dataclasses.replace(params, seed=params.seed + i * params.n))[0]]
+                    for i, p in enumerate(prompts)]
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise DataError(f"generate: prompt {i} is empty; every prompt needs >= 1 token")

@@ -3,10 +3,13 @@
 One :class:`VLLMEngine` runs an in-process ``vllm.LLM`` (no engine subprocess) over the base
 checkpoint directory (Hugging Face layout as written by :func:`minicd.model.hub.save_model`),
 colocated with the trainer on the same device. Under ``torchrun`` every rank builds its own
-engine and generates its own prompt shard: there is no cross-rank logic in here (vLLM is started
-with ``distributed_executor_backend="external_launcher"`` when a multi-rank process group
-exists, so it reuses it instead of creating its own world; seen working with 2 CPU ranks on gloo).
-Give each rank different sampling seeds (e.g. ``seed + rank``).
+engine and generates its own prompt shard; the only cross-rank step is
+:meth:`VLLMEngine.sync_policy` gathering an FSDP2-sharded policy (collective), so every rank's
+engine gets the full tensors. vLLM is started with
+``distributed_executor_backend="external_launcher"`` when a multi-rank process group exists, so
+it reuses it instead of creating its own world (seen working with 2 CPU ranks on gloo). Seeds are
+per request (``seed + i * n``), so a rank generating global prompts ``j0, ..`` passes
+``seed + j0 * n`` (``minicd.rollout.inference.sharded_generate`` does).
 
 Policy sync (step 2 of a GRPO step):
 
@@ -34,6 +37,7 @@ down) and ``gc.freeze()``-s the objects alive at start-up (unfrozen again at clo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -45,6 +49,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from minicd import dist
 from minicd.errors import CheckpointError, ConfigError, DataError, DistributedError
 from minicd.model.lora import LoRAConfig, lora_modules, lora_state_dict, save_adapter
 from minicd.rollout.engine import Generation, SamplingParams
@@ -212,17 +217,21 @@ class VLLMEngine:
 
         A model with LoRA layers on a LoRA engine pushes only its adapter; otherwise all
         weights are pushed. ``state_dict``: full (unsharded) tensors to push instead of reading
-        ``model`` -- required under FSDP2, e.g. ``minicd.dist.full_state_dict(model)``
-        (adapter only) or ``full_state_dict(model, trainable_only=False)``, made available on
-        every rank since every rank has its own engine.
+        ``model``. An FSDP2-sharded ``model`` is gathered here (collective: every rank calls
+        this, and every rank's engine receives the full tensors).
         """
         if self._sleeping:
             raise RuntimeError("VLLMEngine.sync_policy called while sleeping; call wake_up first")
         has_lora = bool(lora_modules(model))
         if state_dict is None and any(hasattr(p, "full_tensor") for p in model.parameters()):
-            raise DistributedError("VLLMEngine.sync_policy: the model is sharded (FSDP2 DTensor "
-                                   "parameters); gather it and pass state_dict= (e.g. "
-                                   "minicd.dist.full_state_dict(model)) on every rank")
+            if not dist.is_distributed():
+                raise DistributedError("VLLMEngine.sync_policy: the model has FSDP2 DTensor "
+                                       "parameters but no multi-rank process group exists; pass "
+                                       "state_dict= with full tensors")
+            # collective: gather the adapter (or all weights) on rank 0, then every rank's engine
+            # gets a copy
+            state_dict = dist.broadcast_object(
+                dist.full_state_dict(model, trainable_only=self.lora is not None))
         if has_lora != (self.lora is not None):
             raise ConfigError(
                 f"VLLMEngine.sync_policy: the policy {'has' if has_lora else 'has no'} LoRA layers "
@@ -337,21 +346,23 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._version += 1
 
+    def lockstep(self):
+        """Null context: every rank's engine is independent (no collective forwards)."""
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ memory
 
     def sleep(self, level: int = 1) -> None:
         """Free vLLM's device memory for training (level 1: weights to host, KV cache dropped).
         A logged no-op where sleep mode is unavailable (CPU) or disabled."""
-        if not self.sleep_supported:
-            logger.info("VLLMEngine.sleep: sleep mode unavailable or disabled; no-op")
+        if not self.sleep_supported or self._sleeping:
             return
         self.llm.sleep(level=level)
         self._sleeping = True
 
     def wake_up(self) -> None:
         """Undo :meth:`sleep` before the next sync/generate (no-op where unsupported)."""
-        if not self.sleep_supported:
-            logger.info("VLLMEngine.wake_up: sleep mode unavailable or disabled; no-op")
+        if not self.sleep_supported or not self._sleeping:
             return
         self.llm.wake_up()
         self._sleeping = False
@@ -366,6 +377,7 @@ class VLLMEngine:
         if llm is None:
             return
         self.llm = None
+        self._sleeping = False
         llm.llm_engine.engine_core.shutdown()
         del llm
         if self._owns_dist:  # normally already done by the shutdown above

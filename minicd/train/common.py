@@ -1,5 +1,6 @@
 """What the stage loops share: policy set-up, optimizer and schedule, example encoding, validation,
-rollout engines, resume and export, and batch inference (:func:`run_rollout`, used by rollout.py).
+resume and export. (Rollout engines, batch inference and splits: ``minicd.rollout.inference``;
+the record prompt: ``minicd.prompts.prompt_ids``; both re-exported here.)
 
 Every stage builds its trainable policy the same way (:func:`build_policy`), encodes records into
 (prompt, completion) token ids the same way (:func:`encode_record`), and scores itself with the
@@ -18,25 +19,22 @@ import torch
 from torch import nn
 
 from minicd import dist
-from minicd.baselines import BaselinePrompter, check_kind, needs_shots
 from minicd.checkpoint import config_diff, load_checkpoint, restore_rng, resume_checkpoint
 from minicd.config import Config, DataConfig
-from minicd.data.records import Record, read_records
-from minicd.data.truncate import fit_prompt
-from minicd.errors import ConfigError, DataError
-from minicd.log import MetricsLogger, progress
+from minicd.data.records import Record
+from minicd.errors import ConfigError
+from minicd.log import MetricsLogger
 from minicd.metrics import corpus_metrics
 from minicd.model.hub import (copy_tokenizer_files, load_model, load_tokenizer, resolve_checkpoint,
                               save_model)
 from minicd.model.lora import LoRAConfig, inject_lora, load_adapter, save_adapter, unload_lora
-from minicd.model.tokenizer import Tokenizer, encode_example, encode_prompt
+from minicd.model.tokenizer import Tokenizer, encode_example
 from minicd.parse import format_answer, parse_codes
-from minicd.prompts import PromptSetting, coding_prompt
+from minicd.prompts import prompt_ids, user_prompt  # noqa: F401  (re-exported)
 from minicd.rollout.engine import SamplingParams
+from minicd.rollout.inference import (CHAT_MARKUP_TOKENS, build_engine,  # noqa: F401
+                                      load_split, run_rollout, sharded_generate)
 from minicd.rollout.torch_engine import TorchEngine
-
-
-CHAT_MARKUP_TOKENS = 64  # room for chat markup around a user turn of data.max_prompt_tokens
 
 
 @dataclass
@@ -63,13 +61,11 @@ def build_policy(cfg: Config, info: dist.DistInfo) -> Policy:
         raise ConfigError("model.path is empty: set it to a local HF-format dir or a hub id "
                           "(e.g. model.path=runs/demo/model)")
     dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+    tok = load_tokenizer(cfg.model.path, template=cfg.model.template)  # cheap checks first
     model = load_model(cfg.model.path, dtype=dtype, device=info.device)
-    tok = load_tokenizer(cfg.model.path, template=cfg.model.template)
     lora_cfg = None
     if cfg.lora.enabled:
         lc = cfg.lora
-        if lc.init_mode not in ("merge", "continue"):
-            raise ConfigError(f"lora.init_mode = {lc.init_mode!r}: expected 'merge' or 'continue'")
         if lc.init_adapter and lc.init_mode == "continue":
             lora_cfg = load_adapter(model, lc.init_adapter)
         else:
@@ -89,25 +85,15 @@ def build_policy(cfg: Config, info: dist.DistInfo) -> Policy:
     return Policy(model, tok, lora_cfg, info)
 
 
-def load_split(cfg: Config, split: str, limit: int | None = None) -> list[Record]:
-    """Records of ``data.dir/<split>.jsonl`` (the first ``limit`` when given)."""
-    path = Path(cfg.data.dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} not found (key data.dir = {cfg.data.dir!r}); prepare the dataset "
-                        "with `python -m minicd.data` and point data.dir at the folder holding "
-                        "train/val/test.jsonl")
-    recs = read_records(path)
-    return recs if limit is None else recs[:limit]
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float, *, sync: bool = True):
     """Clip the trainable parameters' gradient norm (``max_norm <= 0``: no clipping); return the
-    total norm before clipping (the full norm under FSDP2)."""
+    total norm before clipping (the full norm under FSDP2): a float, or with ``sync=False`` a
+    0-dim tensor on the device (no host sync)."""
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
-    return float(norm)
+    return float(norm) if sync else norm.detach()
 
 
 def resume_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -134,29 +120,46 @@ def open_metrics_logger(cfg: Config, is_main: bool) -> MetricsLogger:
                          config=cfg.to_dict())
 
 
+def validate_policy(cfg: Config, model: nn.Module, tok: Tokenizer, val_recs: Sequence[Record],
+                    val_prompts: Sequence[list[int]], engine=None) -> dict[str, float]:
+    """Greedy validation of ``model`` (:func:`greedy_validate`, ``rollout.max_batch_size``
+    records per rank and round). ``engine``: the stage's rollout engine, woken, synced with
+    ``model`` and put back to sleep around it (default: a torch engine on ``model``). Leaves
+    ``model`` in train mode. Collective under torchrun."""
+    if engine is not None:
+        engine.wake_up()
+        engine.sync_policy(model)
+    try:
+        return greedy_validate(model, tok, val_recs, cfg.data, cfg.rollout.max_new_tokens,
+                               prompts=val_prompts, engine=engine,
+                               batch_size=cfg.rollout.max_batch_size)
+    finally:
+        if engine is not None:
+            engine.sleep()
+        model.train()
+
+
 def start_step(cfg: Config, step: int, *, model: nn.Module, tok: Tokenizer,
                val_recs: Sequence[Record], val_prompts: Sequence[list[int]],
-               logger: MetricsLogger) -> None:
+               logger: MetricsLogger, engine=None) -> None:
     """Before the first step of a fresh run (not a resume): with ``train.eval_at_start``, greedy
-    validation of the starting policy, logged as step 0 so every curve starts at its baseline."""
+    validation of the starting policy (:func:`validate_policy`), logged as step 0 so every curve
+    starts at its baseline."""
     if step == 0 and cfg.train.eval_at_start and val_recs:
-        logger.log(greedy_validate(model, tok, val_recs, cfg.data, cfg.rollout.max_new_tokens,
-                                   prompts=val_prompts), step=0)
-        model.train()
+        logger.log(validate_policy(cfg, model, tok, val_recs, val_prompts, engine), step=0)
 
 
 def end_step(cfg: Config, step: int, total: int, metrics: dict, *, model: nn.Module,
              tok: Tokenizer, val_recs: Sequence[Record], val_prompts: Sequence[list[int]],
-             logger: MetricsLogger, save, stop_requested: bool) -> bool:
+             logger: MetricsLogger, save, stop_requested: bool, engine=None) -> bool:
     """What every stage does after an optimizer step: greedy validation every
-    ``train.eval_every`` steps and at the last one (added to ``metrics``), one metrics line, and a
+    ``train.eval_every`` steps and at the last one (added to ``metrics``; ``engine``: see
+    :func:`validate_policy`), one metrics line, and a
     checkpoint every ``train.save_every`` steps, at the end, or when a stop was requested
     (SIGTERM on any rank). Returns True when the loop must stop now. Collective under FSDP2."""
     t = cfg.train
     if val_recs and (step % t.eval_every == 0 or step == total):
-        metrics.update(greedy_validate(model, tok, val_recs, cfg.data, cfg.rollout.max_new_tokens,
-                                       prompts=val_prompts))
-        model.train()
+        metrics.update(validate_policy(cfg, model, tok, val_recs, val_prompts, engine))
     logger.log(metrics, step=step)
     if stop_requested or step % t.save_every == 0 or step == total:
         save(step)
@@ -196,22 +199,6 @@ def export_policy(policy: Policy, out_dir: Path, base: str, *, merged: bool = Fa
         export_merged(policy.model, out_dir / "merged", tokenizer_dir=resolve_checkpoint(base))
 
 
-def build_engine(cfg: Config, model: nn.Module, tok: Tokenizer, lora_cfg: LoRAConfig | None):
-    """The rollout engine named by ``rollout.engine``: "torch" (:class:`TorchEngine` on the live
-    ``model``) or "vllm" (``minicd.rollout.vllm_engine.VLLMEngine`` over ``model.path``, imported
-    only when asked for; it receives the policy through ``sync_policy``)."""
-    r = cfg.rollout
-    if r.engine == "torch":
-        return TorchEngine(model, tok, max_batch_size=r.max_batch_size)
-    if r.engine == "vllm":
-        from minicd.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(cfg.model.path, tok, lora=lora_cfg, seed=cfg.train.seed,
-                          max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens
-                          + CHAT_MARKUP_TOKENS)
-    raise ConfigError(f"rollout.engine = {r.engine!r}: expected 'torch' or 'vllm'")
-
-
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only (the LoRA tensors in LoRA runs)."""
@@ -238,36 +225,21 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
         optimizer, lambda s: cosine_lambda(s, warmup_steps, total_steps))
 
 
-def user_prompt(rec: Record, tok: Tokenizer, data_cfg: DataConfig,
-                hints: Sequence[str] | None = None) -> str:
-    """The coding user turn for ``rec``, its note middle-out truncated to ``data.max_prompt_tokens``.
-
-    The budget covers the user text (instruction, note, optional hint block, format line); chat
-    markup adds a few tokens on top.
-    """
-    setting = PromptSetting.from_config(data_cfg)
-    return fit_prompt(lambda note: coding_prompt(note, rec.code_system, hints, setting=setting),
-                      rec.note, data_cfg.max_prompt_tokens, tok)
-
-
 def encode_record(rec: Record, tok: Tokenizer, data_cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of one SFT example; completion = ``<code>gold</code><|im_end|>``."""
     messages = [{"role": "user", "content": user_prompt(rec, tok, data_cfg)}]
     return encode_example(tok, messages, format_answer(rec.codes))
 
 
-def prompt_ids(rec: Record, tok: Tokenizer, data_cfg: DataConfig,
-               hints: Sequence[str] | None = None) -> list[int]:
-    """Generation-prompt ids for ``rec`` (what validation and rollouts feed the model)."""
-    return encode_prompt(tok, [{"role": "user", "content": user_prompt(rec, tok, data_cfg, hints)}])
-
-
 def greedy_validate(model: nn.Module, tok: Tokenizer, records: Sequence[Record],
                     data_cfg: DataConfig, max_new_tokens: int, *, batch_size: int = 16,
-                    prompts: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+                    prompts: Sequence[Sequence[int]] | None = None,
+                    engine=None) -> dict[str, float]:
     """Greedy-decode ``records``, parse, and score: ``val/micro_f1``, ``val/macro_f1`` and more.
 
-    Every rank decodes every record (identical greedy work keeps FSDP collectives in step).
+    Rank-sharded (``minicd.rollout.inference.sharded_generate``, ``batch_size`` records per rank
+    and round) and gathered, so every rank returns the same numbers. ``engine``: a rollout engine
+    already holding the current policy (default: a :class:`TorchEngine` on ``model``).
     ``prompts``: pre-encoded prompt ids (default: :func:`prompt_ids`). Returns floats: micro and
     macro P/R/F1, ``span_rate`` (responses with a ``<code>`` span), ``truncation_rate``.
     """
@@ -275,9 +247,10 @@ def greedy_validate(model: nn.Module, tok: Tokenizer, records: Sequence[Record],
         return {}
     if prompts is None:
         prompts = [prompt_ids(r, tok, data_cfg) for r in records]
-    engine = TorchEngine(model, tok, max_batch_size=batch_size)
+    if engine is None:
+        engine = TorchEngine(model, tok, max_batch_size=batch_size)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids)
-    gens = [g[0] for g in engine.generate(prompts, params)]
+    gens = [g[0] for g in sharded_generate(engine, prompts, params, chunk_size=batch_size)]
     parsed = [parse_codes(g.text) for g in gens]
     m = corpus_metrics([p.codes for p in parsed], [r.codes for r in records])
     keys = ("micro_precision", "micro_recall", "micro_f1", "macro_precision", "macro_recall",
@@ -286,67 +259,3 @@ def greedy_validate(model: nn.Module, tok: Tokenizer, records: Sequence[Record],
     out["val/span_rate"] = sum(p.has_span for p in parsed) / len(parsed)
     out["val/truncation_rate"] = sum(g.finish_reason == "length" for g in gens) / len(gens)
     return out
-
-
-def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None = None,
-                temperature: float = 0.0, n: int = 1, limit: int | None = None,
-                chunk_size: int = 64, show_progress: bool = True,
-                prompt_kind: str | None = None) -> dict:
-    """Batch inference on ``data.dir/<split>.jsonl``: write a predictions JSONL and score it.
-
-    The policy is ``model.path`` plus ``adapter`` (default ``lora.init_adapter``; None: the bare
-    model), sampled by ``rollout.engine`` at ``temperature`` (0: greedy) and ``rollout.top_p``,
-    ``n`` responses per record, at most ``rollout.max_new_tokens`` tokens each. Rows
-    (``minicd.predictions.prediction_row``) are appended chunk by chunk (``chunk_size`` records),
-    so an interrupted run keeps its finished chunks; records whose id is already in ``out`` are
-    skipped (resume). Sampled runs seed each chunk with ``train.seed`` + the position of its first
-    record in the split. ``prompt_kind``: None for the fixed coding instruction (SFT/GRPO/PHI),
-    or an Appendix D baseline ("zero_shot", "few_shot", "zero_shot_cot", "few_shot_cot"; see
-    ``minicd.baselines``: few-shot examples come from the train split). Returns ``{"written", "skipped", "n_records", "micro_f1", ...}``: corpus
-    metrics of sample 0 of every record (a record with no row counts as an empty prediction).
-    """
-    from minicd.predictions import prediction_row, read_predictions, write_predictions
-
-    out = Path(out)
-    if prompt_kind is not None:
-        check_kind(prompt_kind)
-    info = dist.init_distributed(cfg.train.device)
-    dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
-    model = load_model(cfg.model.path, dtype=dtype, device=info.device)
-    tok = load_tokenizer(cfg.model.path, template=cfg.model.template)
-    adapter = adapter if adapter is not None else cfg.lora.init_adapter
-    lora_cfg = load_adapter(model, adapter) if adapter else None
-    model.to(info.device).eval()
-    engine = build_engine(cfg, model, tok, lora_cfg)
-    if lora_cfg is not None:
-        engine.sync_policy(model)  # vLLM: push the adapter; torch: reads the live module
-
-    records = load_split(cfg, split, limit)
-    if prompt_kind is None:
-        encode = lambda recs: [prompt_ids(r, tok, cfg.data) for r in recs]  # noqa: E731
-    else:
-        train = load_split(cfg, "train") if needs_shots(prompt_kind) else None
-        encode = BaselinePrompter.from_config(prompt_kind, cfg.data, tok, train).prompt_ids
-    done = {row["id"] for row in read_predictions(out)} if out.is_file() else set()
-    todo = [(i, r) for i, r in enumerate(records) if r.id not in done]
-    written = 0
-    bar = progress(total=len(todo), desc=f"rollout {split}", unit="rec",
-                   disable=None if show_progress else True)
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start:start + chunk_size]
-        params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
-                                max_new_tokens=cfg.rollout.max_new_tokens,
-                                stop_ids=tok.stop_ids, seed=cfg.train.seed + chunk[0][0])
-        groups = engine.generate(encode([r for _, r in chunk]), params)
-        rows = [prediction_row(r.id, g.text, parse_codes(g.text), g.sample_index)
-                for (_, r), group in zip(chunk, groups) for g in group]
-        written += write_predictions(rows, out, append=True)
-        bar.update(len(chunk))
-    bar.close()
-
-    first = {row["id"]: parse_codes(row["response"]).codes
-             for row in read_predictions(out) if row["sample_index"] == 0}
-    m = corpus_metrics([first.get(r.id, ()) for r in records], [r.codes for r in records])
-    return {"written": written, "skipped": len(records) - len(todo), "n_records": len(records),
-            **{k: float(m[k]) for k in ("micro_precision", "micro_recall", "micro_f1",
-                                        "macro_f1")}}

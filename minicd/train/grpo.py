@@ -14,9 +14,13 @@ One step, as in DESIGN.md "Data flow of one GRPO step" (see :func:`run_grpo`):
    GLOBAL prompt index, so one process and N processes draw the same samples (see
    :func:`generate_groups`).
 4. Reward = sample F1 of the parsed codes against the full gold set (0 without a span); other
-   rewards (F-beta, a user function) through ``grpo.reward`` (:func:`make_reward`).
-5. Group advantages (Eq. 1); old log-probs (the detached current ones with one update per batch,
-   else recomputed once before the updates); reference log-probs under ``disable_adapters``.
+   rewards (F-beta, class-balanced F1, the release's fallback, a missed-code bonus, a user
+   function) through ``grpo.reward`` (:func:`minicd.algo.reward.make_reward`), each given a
+   :class:`~minicd.algo.reward.RewardContext` (training code frequencies, the record's pool).
+5. Group advantages (Eq. 1, or ``grpo.advantage``); old log-probs (the detached current ones
+   with one update per batch, else recomputed once before the updates); reference log-probs
+   under ``disable_adapters``. Responses cut at max_new_tokens leave the loss with
+   ``grpo.mask_truncated``.
 6. Clipped objective + beta x KL (Eq. 2) per micro-batch, rescaled so the loss is the token mean
    over the GLOBAL batch (all micro-batches and ranks); backward; clip; AdamW step (constant lr).
 7. Log, validate greedily every ``train.eval_every`` steps, checkpoint every ``train.save_every``
@@ -28,8 +32,6 @@ Nothing here logs note or response text: only numbers.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -43,23 +45,23 @@ from torch import nn
 from minicd import dist
 from minicd.algo.grpo import group_advantages, policy_loss
 from minicd.algo.logprobs import model_token_logprobs, shared_prefix_logprobs
+from minicd.algo.reward import RewardContext, code_frequencies, make_reward
 from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
-from minicd.config import Config, GRPOConfig, dump_config
+from minicd.config import Config, GRPOConfig, dump_config, parse_reward_spec
 from minicd.data.records import Record
 from minicd.errors import ConfigError
 from minicd.log import progress
-from minicd.metrics import corpus_metrics, fbeta
+from minicd.metrics import corpus_metrics
 from minicd.model.lora import disable_adapters
-from minicd.parse import ParsedCodes, parse_codes
+from minicd.parse import ParsedCodes
 from minicd.rollout.engine import Generation, SamplingParams
-from minicd.rollout.torch_engine import TorchEngine
-from minicd.train.common import (build_engine, build_optimizer, build_policy, clip_grad_norm,
-                                 end_step, finish_stage, load_split, open_metrics_logger,
-                                 prompt_ids, resume_state, start_step)
+from minicd.rollout.inference import StageEngine
+from minicd.train.common import (Policy, build_optimizer, build_policy,
+                                 clip_grad_norm, end_step, finish_stage, load_split,
+                                 open_metrics_logger, prompt_ids, resume_state, start_step)
 
 # (record, step, global prompt index) -> prompt token ids. PHI renders hinted prompts here.
 PromptBuilder = Callable[[Record, int, int], list[int]]
-ADV_SCALES = {"unbiased": ("std", True), "biased": ("std", False), "none": ("none", True)}
 
 
 # ------------------------------------------------------------------ 1. prompts
@@ -84,16 +86,12 @@ def rank_shard(n_prompts: int, rank: int, world: int) -> range:
 
 # ------------------------------------------------------------------ 2-3. sync and sample
 def sync_engine(engine, model: nn.Module) -> int:
-    """Push the current policy into ``engine``; fail loudly if its weight version did not move
-    (the classic stale-weights rollout bug). Collective under FSDP2 for non-torch engines."""
+    """Wake ``engine`` and push the current policy into it; fail loudly if its weight version did
+    not move (the classic stale-weights rollout bug). Collective under FSDP2 (an engine that
+    needs full weights gathers them in its ``sync_policy``)."""
+    engine.wake_up()
     before = engine.weight_version
-    if isinstance(engine, TorchEngine):  # samples with the live module: nothing to copy
-        version = engine.sync_policy(model)
-    else:
-        state = None
-        if dist.is_distributed():  # gather the (adapter) tensors; every rank has an engine
-            state = dist.broadcast_object(dist.full_state_dict(model))
-        version = engine.sync_policy(model, state_dict=state)
+    version = engine.sync_policy(model)
     if engine.weight_version == before:
         raise RuntimeError(f"rollout engine weight version stayed at {before} after sync_policy: "
                            "generations would use stale weights")
@@ -105,80 +103,22 @@ def rollout_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
-def generate_groups(engine, prompts: Sequence[Sequence[int]], shard: range,
+def generate_groups(engine, prompts: Sequence[Sequence[int]], first: int,
                     params: SamplingParams, seed: int) -> list[list[Generation]]:
-    """G = ``params.n`` samples for each prompt of ``shard`` (positions in the global ``prompts``).
+    """G = ``params.n`` samples for each of this rank's ``prompts``, which are the global prompts
+    ``first, first + 1, ..`` of the step.
 
-    The torch engine samples with the live (possibly FSDP2-sharded) module, whose forwards are
-    collective: every rank samples the whole global batch with the same seed (identical work and
-    results on every rank) and keeps its shard. Other engines (vLLM) sample only the shard;
-    their seed for global prompt j is ``seed + j * G`` (sample s: ``+ s``). Either way the
-    samples do not depend on the number of ranks.
+    Every rank generates only its own prompts. Global prompt j is seeded ``seed + j * G`` (the
+    engine protocol's per-prompt seeds), so the samples do not depend on the number of ranks.
+    Inside the engine's ``lockstep`` ranks whose forwards are collective (torch engine, FSDP2)
+    step together until every rank is done.
     """
-    if isinstance(engine, TorchEngine):
-        groups = engine.generate(prompts, dataclasses.replace(params, seed=seed))
-        return groups[shard.start:shard.stop]
-    mine = [prompts[j] for j in shard]
-    return engine.generate(mine, dataclasses.replace(params, seed=seed + shard.start * params.n))
+    with engine.lockstep():
+        return engine.generate(prompts, dataclasses.replace(params, seed=seed + first * params.n))
 
 
 # ------------------------------------------------------------------ 4. reward
-RewardFn = Callable[[str, Sequence[str]], "tuple[float, ParsedCodes]"]
-
-
-def reward(text: str, gold: Sequence[str], beta: float = 1.0) -> tuple[float, ParsedCodes]:
-    """Sample F-beta (default: the paper's sample F1) of the codes parsed from ``text`` against
-    the FULL gold set; 0 with no span."""
-    parsed = parse_codes(text)
-    return (fbeta(parsed.codes, gold, beta) if parsed.has_span else 0.0), parsed
-
-
-def make_reward(spec: str) -> RewardFn:
-    """The reward named by ``grpo.reward``, as ``(text, gold) -> (reward, parsed codes)``:
-
-    - ``"f1"``: the paper's sample F1 (:func:`reward`);
-    - ``"fbeta:<beta>"``: sample F-beta of the parsed codes (beta > 1 weighs recall more, < 1
-      precision; 0 with no span), for reward ablations;
-    - ``"package.module:function"``: a user function ``(response_text, gold_codes) -> float``,
-      imported once here. Its value is the reward as is; the parsed codes still feed the batch
-      statistics (span rate, batch micro-F1).
-    """
-    spec = spec.strip()
-    if spec == "f1":
-        return reward
-    if spec.startswith("fbeta:"):
-        try:
-            beta = float(spec.split(":", 1)[1])
-        except ValueError:
-            beta = float("nan")
-        if not (math.isfinite(beta) and beta > 0):
-            raise ConfigError(f"grpo.reward = {spec!r}: the F-beta weight must be a number > 0, "
-                              f"e.g. 'fbeta:2'")
-        return functools.partial(reward, beta=beta)
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"grpo.reward = {spec!r}: expected 'f1', 'fbeta:<beta>' or "
-                          f"'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"grpo.reward = {spec!r}: cannot import it ({e}); the module must be "
-                          f"importable on every rank (installed, or on PYTHONPATH)") from e
-    if not callable(fn):
-        raise ConfigError(f"grpo.reward = {spec!r} is not callable")
-
-    def user_reward(text: str, gold: Sequence[str]) -> tuple[float, ParsedCodes]:
-        value = fn(text, tuple(gold))
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not math.isfinite(value):
-            raise ValueError(f"grpo.reward {spec!r} returned {value!r}; a reward must be a "
-                             f"finite number")
-        return value, parse_codes(text)
-
-    return user_reward
+# The rewards live in minicd.algo.reward (``make_reward`` is importable from here too).
 
 
 # ------------------------------------------------------------------ 5-6. log-probs and update
@@ -190,6 +130,7 @@ class RolloutBatch:
     prompts: list[list[int]]
     responses: list[list[int]]
     advantages: torch.Tensor  # [N]
+    keep: torch.Tensor | None = None  # [N] 0 for rows left out of the loss (grpo.mask_truncated)
 
 
 def collate_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
@@ -265,32 +206,59 @@ def micro_batches(batch: RolloutBatch, micro_batch_size: int, pad_id: int, *, sh
         else:  # collated once, scored by the reference pass and every update
             ids, attn, mask = collate_rollouts([prompts[o] for o in owner], responses, pad_id)
             rows = (ids.to(device), attn.to(device))
+        if batch.keep is not None:  # rows left out of the loss (grpo.mask_truncated)
+            mask = mask * batch.keep[s:s + micro_batch_size].to(mask.dtype).unsqueeze(1)
         out.append(MicroBatch(prompts, responses, owner, mask.to(device),
                               batch.advantages[s:s + micro_batch_size].to(device), shared, pad_id,
                               rows))
     return out
 
 
+STAT_KEYS = ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
+             "approx_kl_old", "ratio_mean", "entropy")
+
+
+def _as_stat(value, device) -> torch.Tensor:
+    """A loss statistic as a detached fp64 0-dim tensor on ``device`` (no host sync)."""
+    return torch.as_tensor(value).detach().to(device=device, dtype=torch.float64)
+
+
 def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
                 g: GRPOConfig, *, micro_batch_size: int, pad_id: int,
-                device: torch.device | str = "cpu") -> dict[str, float]:
+                device: torch.device | str = "cpu", norm_len: int | None = None
+                ) -> dict[str, float]:
     """Steps 5-6: log-probs, then ``g.updates_per_batch`` optimizer steps on ``batch`` (Eq. 2).
 
     The loss of each micro-batch (``policy_loss``, a mean over its own tokens or rows) is weighted
     by its share of the GLOBAL token (token-mean) or row (seq-mean) count and multiplied by the
     world size, because FSDP averages gradients over ranks: the summed gradient is that of the
-    global-batch loss, whatever the micro-batching and world size. With ``g.shared_prefix`` each
-    group's prompt is computed once per micro-batch (:func:`shared_prefix_logprobs`; same
-    values and gradients up to float rounding). Returns global floats: loss, pg_loss, kl, clip
-    fractions, approx_kl_old, ratio_mean, entropy, grad_norm (of the last update), time_logp_s
-    and time_update_s. Gradients of the last update stay in ``.grad``.
+    global-batch loss, whatever the micro-batching and world size (``seq-mean`` counts the rows
+    with a token in the loss; ``seq-mean-token-sum-norm`` every row, with Dr. GRPO's constant
+    ``norm_len``, rollout.max_new_tokens; default: the longest response of ``batch``). With
+    ``g.shared_prefix`` each group's prompt is computed once per micro-batch
+    (:func:`shared_prefix_logprobs`; same values and gradients up to float rounding). Returns
+    global floats: loss, pg_loss, kl, clip fractions, approx_kl_old, ratio_mean, entropy,
+    grad_norm (of the last update), time_logp_s and time_update_s. Gradients of the last update
+    stay in ``.grad``.
+
+    One host sync per call for the statistics: they stay device tensors, summed over
+    micro-batches, and are reduced over ranks and read back once at the end (token counts come
+    from the response lengths and ``batch.keep``, known on the host).
     """
     world = dist.get_world_size()
     mbs = micro_batches(batch, micro_batch_size, pad_id, shared=g.shared_prefix, device=device)
-    tokens = [float(m.mask.sum()) for m in mbs]
-    rows = [float(m.mask.shape[0]) for m in mbs]
-    global_tokens = float(dist.all_reduce_sum(sum(tokens)))
-    global_rows = float(dist.all_reduce_sum(sum(rows)))
+    keep = batch.keep.tolist() if batch.keep is not None else [1.0] * len(batch.responses)
+    row_tokens = [len(r) * k for r, k in zip(batch.responses, keep)]      # host: no sync
+    starts = range(0, len(row_tokens), micro_batch_size)                   # as micro_batches
+    tokens = [float(sum(row_tokens[s:s + micro_batch_size])) for s in starts]
+    if g.agg == "seq-mean":  # rows with a token in the loss (grpo.mask_truncated drops some)
+        rows = [float(sum(t > 0 for t in row_tokens[s:s + micro_batch_size])) for s in starts]
+    else:
+        rows = [float(len(row_tokens[s:s + micro_batch_size])) for s in starts]
+    if norm_len is None:
+        norm_len = max(len(r) for r in batch.responses)
+    global_tokens, global_rows = (max(float(x), 1.0) for x in dist.all_reduce_sum(
+        torch.tensor([sum(tokens), sum(rows)], dtype=torch.float64)).tolist())
     # share of the global loss each micro-batch's own mean stands for (x world: FSDP averages)
     agg_counts, agg_total = (tokens, global_tokens) if g.agg == "token-mean" else (rows, global_rows)
     weights = [c / agg_total * world for c in agg_counts]
@@ -308,8 +276,7 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
 
     t0 = time.perf_counter()
     for update in range(g.updates_per_batch):
-        sums = dict.fromkeys(("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high",
-                              "dual_clip_frac", "approx_kl_old", "ratio_mean", "entropy"), 0.0)
+        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in STAT_KEYS}
         optimizer.zero_grad(set_to_none=True)
         for k, m in enumerate(mbs):
             mask, adv = m.mask, m.advantages
@@ -318,51 +285,38 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
             logp, entropy = m.logprobs(model, with_entropy=True)  # [b, R]
             old_logp = logp.detach() if old[k] is None else old[k]
             loss, stats = policy_loss(logp, old_logp, ref[k], adv, mask, g.clip_low, g.clip_high,
-                                      g.kl_coef, g.kl_kind, g.agg, g.dual_clip)
+                                      g.kl_coef, g.kl_kind, g.agg, g.dual_clip,
+                                      ratio_level=g.ratio_level, loss=g.loss, norm_len=norm_len)
             (loss * weights[k]).backward()
-            sums["loss"] += loss.item() * weights[k] / world
+            sums["loss"] += _as_stat(loss, device) * (weights[k] / world)
             for key in ("pg_loss", "kl"):
-                sums[key] += stats[key] * weights[k] / world
+                sums[key] += _as_stat(stats[key], device) * (weights[k] / world)
             for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl_old",
                         "ratio_mean"):
-                sums[key] += stats[key] * tok_share[k]
-            sums["entropy"] += float((entropy.detach() * mask).sum()) / global_tokens
-        grad_norm = clip_grad_norm(model, g.grad_clip)
+                sums[key] += _as_stat(stats[key], device) * tok_share[k]
+            sums["entropy"] += _as_stat((entropy.detach() * mask).sum(), device) / global_tokens
+        grad_norm = clip_grad_norm(model, g.grad_clip, sync=False)
         optimizer.step()
     time_update = time.perf_counter() - t0
-    out = {k: float(dist.all_reduce_sum(v)) for k, v in sums.items()}
-    out.update(grad_norm=grad_norm, time_logp_s=time_logp, time_update_s=time_update)
+    # the one sync: every statistic summed over ranks in one all-reduce, read back in one copy
+    summed = dist.all_reduce_sum(torch.stack([sums[k] for k in STAT_KEYS]))
+    values = torch.cat([summed, _as_stat(grad_norm, summed.device).reshape(1)]).tolist()
+    out = dict(zip(STAT_KEYS, values[:-1]))
+    out.update(grad_norm=values[-1], time_logp_s=time_logp, time_update_s=time_update)
     return out
 
 
 # ------------------------------------------------------------------ the loop
-def _check(cfg: Config, world: int) -> None:
-    t, g = cfg.train, cfg.grpo
-    for key, value in (("grpo.group_size", g.group_size), ("grpo.prompts_per_step",
-                       g.prompts_per_step), ("grpo.updates_per_batch", g.updates_per_batch),
-                       ("train.micro_batch_size", t.micro_batch_size),
-                       ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
-                       ("train.keep_last", t.keep_last)):
-        if value < 1:
-            raise ConfigError(f"{key} = {value}: must be >= 1")
-    if g.prompts_per_step % world:
-        raise ConfigError(f"grpo.prompts_per_step = {g.prompts_per_step} is not divisible by the "
-                          f"{world} ranks; make it a multiple of the world size")
-    if g.adv_std not in ADV_SCALES:
-        raise ConfigError(f"grpo.adv_std = {g.adv_std!r}: expected one of {', '.join(ADV_SCALES)}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps = {t.max_steps}: must be >= 1 (or unset)")
-    if t.max_steps is None and not g.epochs > 0:
-        raise ConfigError(f"grpo.epochs = {g.epochs}: must be > 0 (or set train.max_steps)")
-    if not cfg.lora.enabled and g.kl_coef != 0:
-        raise ConfigError("grpo.kl_coef != 0 needs lora.enabled = true: the reference policy is "
-                          "the model with its adapter disabled; set grpo.kl_coef = 0 for full "
-                          "fine-tuning")
+def _check_world(cfg: Config, world: int) -> None:
+    if cfg.grpo.prompts_per_step % world:
+        raise ConfigError(f"grpo.prompts_per_step = {cfg.grpo.prompts_per_step} is not divisible "
+                          f"by the {world} ranks; make it a multiple of the world size")
 
 
 def _batch_stats(gens: list[Generation], rewards: list[float], parsed: list[ParsedCodes],
                  golds: list[tuple[str, ...]], group_size: int) -> dict[str, float]:
-    """Reward, F1 and length statistics of the global batch (gathered from every rank)."""
+    """Reward, F1 and length statistics of the global batch (gathered from every rank), and
+    ``rollout_prompts_rank_max``: the most prompts one rank generated (B / world when sharded)."""
     local = {"rewards": rewards, "codes": [p.codes for p in parsed], "golds": golds,
              "span": [p.has_span for p in parsed], "lengths": [len(x.token_ids) for x in gens],
              "truncated": [x.finish_reason == "length" for x in gens]}
@@ -376,29 +330,80 @@ def _batch_stats(gens: list[Generation], rewards: list[float], parsed: list[Pars
             "batch_micro_f1": float(micro), "span_rate": float(np.mean(every["span"])),
             "response_len_mean": float(np.mean(every["lengths"])),
             "truncation_rate": float(np.mean(every["truncated"])),
-            "response_tokens": int(sum(every["lengths"]))}
+            "response_tokens": int(sum(every["lengths"])),
+            "rollout_prompts_rank_max": max(len(part["rewards"]) for part in parts) // group_size}
+
+
+def default_prompt_builder(tok, data_cfg) -> PromptBuilder:
+    """The hint-free prompt of each record (encoded once per record)."""
+    cache: dict[int, list[int]] = {}
+
+    def build_prompt(rec: Record, step: int, index: int) -> list[int]:
+        if id(rec) not in cache:
+            cache[id(rec)] = prompt_ids(rec, tok, data_cfg)
+        return cache[id(rec)]
+
+    return build_prompt
+
+
+# (policy, engine) -> None: PHI's pool refresh with the final policy, before the engine closes
+EndHook = Callable[[Policy, object], None]
 
 
 def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
-             train_records: Sequence[Record] | None = None) -> dict:
-    """Train with GRPO as configured; return the last step's metrics (plus ``step``, ``stopped``).
+             train_records: Sequence[Record] | None = None,
+             reward_context: Callable[[Record], RewardContext] | None = None, engine=None,
+             on_end: EndHook | None = None) -> dict:
+    """Train with GRPO as configured; return the last step's metrics plus ``step``, ``stopped``
+    and ``steps`` (the step numbers this call ran, in order; empty when a resume found the run
+    finished).
 
     ``build_prompt(record, step, global_index) -> prompt ids`` (default: the hint-free prompt)
-    lets PHI render hinted prompts; it must be deterministic in its arguments.
+    lets PHI render hinted prompts; it is called once per prompt this rank trains on.
     ``train_records`` (default: the training split, capped by ``data.train_limit``) are the
     records the steps draw from; PHI passes the ones whose hint pools are not empty.
+    ``reward_context(record)`` gives the reward its context (default: the code frequencies of
+    ``train_records`` and no pool); PHI passes the training split's frequencies and the pools.
+    ``engine``: the stage's :class:`~minicd.rollout.inference.StageEngine` (PHI: one engine for
+    all rounds and refreshes; built on first use, synced with this run's policy, left open); by
+    default one is built here and closed when the run ends.
+    ``on_end(policy, engine)``: called after the last step (engine awake and synced with the
+    final policy), before the final export; PHI refreshes its pools there.
     Writes ``output_dir/metrics.jsonl`` (one line per step with: reward_mean, reward_std,
     batch_micro_f1, zero_var_frac, span_rate, loss, pg_loss, kl, entropy, clip_frac_low,
     clip_frac_high, dual_clip_frac, approx_kl_old, ratio_mean, response_len_mean,
-    truncation_rate, response_tokens, grad_norm, lr, time_gen_s, time_logp_s, time_update_s,
-    step_time_s, tokens_per_s, epoch; ``val/...`` keys every ``train.eval_every`` steps and at
-    the end), checkpoints under ``output_dir/checkpoints`` and the final adapter.
+    truncation_rate, response_tokens, rollout_prompts_rank_max, grad_norm, lr, time_gen_s,
+    time_logp_s, time_update_s, step_time_s, tokens_per_s, epoch; ``val/...`` keys every
+    ``train.eval_every`` steps and at the end), checkpoints under ``output_dir/checkpoints``
+    and the final adapter.
     """
-    t, g, ro = cfg.train, cfg.grpo, cfg.rollout
-    info = dist.init_distributed(t.device)
-    _check(cfg, info.world_size)
-    reward_fn = make_reward(g.reward)
+    t = cfg.validate("grpo").train
+    info = dist.init_distributed(t.device, timeout_s=t.dist_timeout_s)
+    _check_world(cfg, info.world_size)
+    g = cfg.grpo
+    if reward_context is None and parse_reward_spec(g.reward).missed:
+        raise ConfigError(f"grpo.reward = {g.reward!r}: the '+missed' bonus needs --stage phi (a "
+                          "record's pool of missed codes comes from PHI's previous predictions); "
+                          "drop it for --stage grpo")
     policy = build_policy(cfg, info)
+    slot = engine if engine is not None else StageEngine()
+    try:
+        rollout_engine = slot.get(cfg, policy.model, policy.tokenizer, policy.lora_cfg,
+                                  device=info.device)
+        return _grpo_loop(cfg, info, policy, rollout_engine, build_prompt, train_records,
+                          reward_context, on_end)
+    finally:
+        if engine is None:
+            slot.close()
+
+
+def _grpo_loop(cfg: Config, info: dist.DistInfo, policy: Policy, engine,
+               build_prompt: PromptBuilder | None, train_records: Sequence[Record] | None,
+               reward_context: Callable[[Record], RewardContext] | None,
+               on_end: EndHook | None) -> dict:
+    """The step loop of :func:`run_grpo` with its policy and engine built."""
+    t, g, ro = cfg.train, cfg.grpo, cfg.rollout
+    reward_fn = make_reward(g.reward)
     model, tok = policy.model, policy.tokenizer
     out_dir = Path(t.output_dir)
 
@@ -406,6 +411,11 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
                   else load_split(cfg, "train", cfg.data.train_limit))
     val_recs = load_split(cfg, "val", cfg.data.val_limit) if cfg.data.val_limit != 0 else []
     val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
+    if reward_context is None:
+        shared_context = RewardContext(freq=code_frequencies(r.codes for r in train_recs))
+
+        def reward_context(rec: Record) -> RewardContext:
+            return shared_context
     B, G = g.prompts_per_step, g.group_size
     steps_per_epoch = len(train_recs) // B
     if steps_per_epoch < 1:
@@ -413,18 +423,11 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
                           f"grpo.prompts_per_step = {B}; lower it or add data")
     total = t.max_steps if t.max_steps is not None else math.ceil(g.epochs * steps_per_epoch)
     if build_prompt is None:
-        cache: dict[int, list[int]] = {}
-
-        def build_prompt(rec: Record, step: int, index: int) -> list[int]:
-            if id(rec) not in cache:
-                cache[id(rec)] = prompt_ids(rec, tok, cfg.data)
-            return cache[id(rec)]
+        build_prompt = default_prompt_builder(tok, cfg.data)
 
     optimizer = build_optimizer(model, g.lr, g.weight_decay)  # constant lr, as the release
-    engine = build_engine(cfg, model, tok, policy.lora_cfg)
     params = SamplingParams(n=G, temperature=ro.temperature, top_p=ro.top_p,
                             max_new_tokens=ro.max_new_tokens, stop_ids=tok.stop_ids)
-    scale, unbiased = ADV_SCALES[g.adv_std]
     shard = rank_shard(B, info.rank, info.world_size)
     config_text = dump_config(cfg)
     step = 0
@@ -433,8 +436,9 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
                                is_main=info.is_main)
     logger = open_metrics_logger(cfg, info.is_main)
     start_step(cfg, step, model=model, tok=tok, val_recs=val_recs, val_prompts=val_prompts,
-               logger=logger)
+               logger=logger, engine=engine)
     last: dict = {}
+    ran: list[int] = []
     stopped = False
 
     def save(at: int) -> None:
@@ -449,29 +453,35 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     with SigtermFlag() as flag:
         while step < total:
             t_step = time.perf_counter()
-            # 1. this step's B records (global order) and their prompts
+            # 1. this step's B records (global order); this rank builds its shard's prompts
             records = [train_recs[i] for i in step_prompt_indices(len(train_recs), B, t.seed, step)]
-            prompts = [build_prompt(rec, step, j) for j, rec in enumerate(records)]
-            # 2. push the policy into the engine
+            prompts = [build_prompt(records[j], step, j) for j in shard]
+            # 2. push the policy into the engine (woken first)
             sync_engine(engine, model)
             # 3. G samples per prompt of this rank's shard, group by group
             t0 = time.perf_counter()
-            groups = generate_groups(engine, prompts, shard, params, rollout_seed(t.seed, step))
+            groups = generate_groups(engine, prompts, shard.start, params,
+                                     rollout_seed(t.seed, step))
+            engine.sleep()  # vLLM: free its memory for the training passes (rollout.sleep)
             time_gen = time.perf_counter() - t0
             gens = [x for group in groups for x in group]                       # [N]
             golds = [records[j].codes for j in shard for _ in range(G)]          # [N]
+            contexts = [reward_context(records[j]) for j in shard for _ in range(G)]  # [N]
             # 4. rewards
-            scored = [reward_fn(x.text, gold) for x, gold in zip(gens, golds)]
+            scored = [reward_fn(x.text, gold, c) for x, gold, c in zip(gens, golds, contexts)]
             rewards = [r for r, _ in scored]
             # 5-6. advantages (Eq. 1), log-probs, clipped objective (Eq. 2), optimizer step
-            advantages = group_advantages(torch.tensor(rewards), G, unbiased=unbiased,
-                                          scale=scale)                           # [N]
-            batch = RolloutBatch([list(prompts[j]) for j in shard for _ in range(G)],
-                                 [x.token_ids for x in gens], advantages)
+            advantages = group_advantages(torch.tensor(rewards), G, g.advantage)  # [N]
+            keep = (torch.tensor([x.finish_reason != "length" for x in gens], dtype=torch.float32)
+                    if g.mask_truncated else None)                               # [N]
+            batch = RolloutBatch([list(p) for p in prompts for _ in range(G)],
+                                 [x.token_ids for x in gens], advantages, keep)
             lr = optimizer.param_groups[0]["lr"]
             upd = grpo_update(model, optimizer, batch, g, micro_batch_size=t.micro_batch_size,
-                              pad_id=tok.pad_id, device=info.device)
+                              pad_id=tok.pad_id, device=info.device,
+                              norm_len=ro.max_new_tokens)
             step += 1
+            ran.append(step)
             # 7. log, validate, checkpoint
             dt = time.perf_counter() - t_step
             stats = _batch_stats(gens, rewards, [p for _, p in scored], golds, G)
@@ -483,8 +493,12 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
             bar.set_postfix(reward=f"{stats['reward_mean']:.3f}")
             stopped = end_step(cfg, step, total, last, model=model, tok=tok, val_recs=val_recs,
                                val_prompts=val_prompts, logger=logger, save=save,
-                               stop_requested=flag.any_rank())
+                               stop_requested=flag.any_rank(), engine=engine)
             if stopped:
                 break
     bar.close()
-    return finish_stage(cfg, policy, logger, step=step, stopped=stopped, last=last)
+    if on_end is not None and not stopped:
+        sync_engine(engine, model)
+        on_end(policy, engine)
+    result = finish_stage(cfg, policy, logger, step=step, stopped=stopped, last=last)
+    return {**result, "steps": ran}

@@ -11,11 +11,14 @@ PHI is GRPO run in rounds over a shrinking set of training examples, with traini
       (``sample_hints``; seeded by (train.seed, t, step, prompt index)) and rendered into the
       Appendix E hint block; an empty draw leaves the prompt hint-free. All G rollouts of a prompt
       share it, and the reward target stays the FULL gold set.
-   b. Greedy hint-free inference of the new checkpoint on the training split refreshes pools
-      (Eq. 4), recalls and weights.
+   b. Greedy hint-free inference of the round's final policy on the training split refreshes
+      pools (Eq. 4), recalls and weights. It runs inside the GRPO run (its ``on_end`` hook) with
+      the stage's one rollout engine, rank-sharded: every rank decodes its chunks and rank 0
+      writes them, so no rank waits while another decodes the split.
    c. One line of round metrics goes to ``output_dir/phi_rounds.jsonl`` (train recall/F1, pool
       sizes, and :func:`pool_transitions`: codes recovered from and newly added to the pools,
-      recovery of hinted vs never-hinted pool codes); pools, weights and the next round index to
+      recovery of hinted vs never-hinted pool codes), computed from the hint draws the prompt
+      builder recorded (:class:`HintedPrompts`); pools, weights and the next round index to
       ``output_dir/phi_state.json`` (ids and codes only, no note text).
 2. The last round's adapter is copied to ``output_dir/adapter``.
 
@@ -30,8 +33,8 @@ on ``output_dir/sft_model`` (its adapter_config names it). With ``init_mode = "c
 SFT adapter itself is trained on through all rounds and the reference is the bare base model.
 
 Files under ``output_dir``: ``init_train_predictions.jsonl`` (round-0 pools), ``round-<t>/``
-(that round's GRPO run: metrics, checkpoints, adapter, and ``train_predictions.jsonl``, the
-refresh after it), ``phi_state.json``, ``phi_rounds.jsonl``, ``adapter/``. Resume
+(that round's GRPO run: metrics, checkpoints, adapter, ``hint_draws-rank<r>.jsonl``, the
+draws each rank made, and ``train_predictions.jsonl``, the refresh after it), ``phi_state.json``, ``phi_rounds.jsonl``, ``adapter/``. Resume
 (``train.resume``) restarts at the round in ``phi_state.json``; GRPO's checkpoints in its round
 directory restore the step within the round, and the refresh inference skips finished records.
 Inference and evaluation never see hints.
@@ -52,21 +55,22 @@ import numpy as np
 
 from minicd import dist
 from minicd.algo.phi import code_recall, code_weights, hint_pool, sample_hints
+from minicd.algo.reward import RewardContext
 from minicd.checkpoint import latest_checkpoint
 from minicd.codes import DescriptionTable, truncate_description
 from minicd.config import Config, PHIConfig
 from minicd.data.records import Record, atomic_write
-from minicd.data.truncate import fit_prompt
-from minicd.errors import ConfigError
 from minicd.metrics import corpus_metrics
 from minicd.model.hub import copy_tokenizer_files, load_model, load_tokenizer, save_model
 from minicd.model.lora import load_adapter, merged_state_dict
-from minicd.model.tokenizer import Tokenizer, encode_prompt
+from minicd.model.tokenizer import Tokenizer
 from minicd.parse import parse_codes
 from minicd.predictions import read_predictions
-from minicd.prompts import HINT_DESCRIPTION_LIMIT, PromptSetting, coding_prompt
-from minicd.train.common import load_split, prompt_ids, run_rollout
-from minicd.train.grpo import run_grpo, step_prompt_indices
+from minicd.prompts import prompt_ids
+from minicd.rollout.engine import SamplingParams
+from minicd.rollout.inference import StageEngine, rollout_records
+from minicd.train.common import Policy, build_policy, load_split
+from minicd.train.grpo import run_grpo
 
 STATE_FILE, ROUNDS_FILE = "phi_state.json", "phi_rounds.jsonl"
 Describe = Callable[[str, str], "str | None"]
@@ -94,22 +98,6 @@ def make_describe(phi: PHIConfig) -> Describe:
         return truncate_description(text.strip(), phi.description_limit) if text else None
 
     return describe
-
-
-def hinted_prompt_ids(rec: Record, tok: Tokenizer, data_cfg, hints: Sequence[str],
-                      describe: Describe) -> list[int]:
-    """Generation-prompt ids of ``rec`` with the Appendix E hint block for ``hints``.
-
-    No hints: exactly the hint-free prompt of GRPO and inference (``common.prompt_ids``). With
-    hints: the same user turn (note middle-out truncated to ``data.max_prompt_tokens``) with the
-    hint block before the output-format line; rendered here because it needs ``describe``."""
-    if not hints:
-        return prompt_ids(rec, tok, data_cfg)
-    setting = PromptSetting.from_config(data_cfg)
-    text = fit_prompt(lambda note: coding_prompt(note, rec.code_system, hints, setting=setting,
-                                                 describe=describe),
-                      rec.note, data_cfg.max_prompt_tokens, tok)
-    return encode_prompt(tok, [{"role": "user", "content": text}])
 
 
 # ------------------------------------------------------------------ pools (Eq. 3 / 4)
@@ -162,19 +150,21 @@ def pool_transitions(before: dict[str, Sequence[str]], after: dict[str, Sequence
             "unhinted_recovery": rate(*tally[False])}
 
 
-def predict_train(cfg: Config, model_path: str, adapter: str | None, out: Path,
-                  info: dist.DistInfo, *, keep: bool) -> None:
-    """Greedy HINT-FREE predictions of ``model_path`` + ``adapter`` on the training split
-    (``common.run_rollout``). ``keep``: continue an existing ``out`` (resume; finished records
-    are skipped), else start it afresh. Rank 0 decodes, the other ranks wait."""
-    c = copy.deepcopy(cfg)
-    c.model.path, c.lora.init_adapter = model_path, None
-    if info.is_main:
-        if not keep:
-            out.unlink(missing_ok=True)
-        run_rollout(c, "train", out, adapter=adapter, temperature=0.0,
-                    limit=cfg.data.train_limit, show_progress=True)
+def refresh_predictions(engine, cfg: Config, tok: Tokenizer, records: Sequence[Record],
+                        out: Path, *, keep: bool) -> None:
+    """Greedy HINT-FREE predictions of the policy ``engine`` holds on ``records`` (the training
+    split), written to ``out`` (:func:`minicd.rollout.inference.rollout_records`): rank-sharded,
+    ``rollout.max_batch_size`` records per rank and round, rank 0 writing. ``keep``: continue an
+    existing ``out`` (resume; finished records are skipped), else start it afresh. Every rank
+    calls this."""
+    if not keep and dist.get_rank() == 0:
+        out.unlink(missing_ok=True)
     dist.barrier()
+    params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
+                            stop_ids=tok.stop_ids)
+    rollout_records(engine, records, lambda recs: [prompt_ids(r, tok, cfg.data) for r in recs],
+                    out, params, chunk_size=cfg.rollout.max_batch_size,
+                    show_progress=True)
 
 
 # ------------------------------------------------------------------ model lineage
@@ -218,12 +208,6 @@ def round_config(cfg: Config, out: Path, r: int, base: str, start_adapter: str |
     return c
 
 
-def round_steps(cfg: Config, n_records: int) -> int:
-    """Steps of one round's GRPO run (one epoch, capped by train.max_steps), as run_grpo counts."""
-    per_epoch = n_records // cfg.grpo.prompts_per_step
-    return min(per_epoch, cfg.train.max_steps) if cfg.train.max_steps else per_epoch
-
-
 # ------------------------------------------------------------------ state files
 def save_state(out: Path, state: dict) -> None:
     """``phi_state.json`` (next round, pools, recall, weights, history) and ``phi_rounds.jsonl``
@@ -236,41 +220,107 @@ def save_state(out: Path, state: dict) -> None:
         f.writelines(json.dumps(row) + "\n" for row in state["history"])
 
 
-def _check(cfg: Config) -> None:
-    p = cfg.phi
-    if not cfg.lora.enabled:
-        raise ConfigError("PHI needs lora.enabled = true (rounds continue a LoRA adapter and the "
-                          "reference policy is the model with its adapter disabled)")
-    if p.rounds < 1:
-        raise ConfigError(f"phi.rounds = {p.rounds}: must be >= 1 (paper: 3 to 5)")
-    if not 1 <= p.description_limit <= HINT_DESCRIPTION_LIMIT:
-        raise ConfigError(f"phi.description_limit = {p.description_limit}: must be in "
-                          f"[1, {HINT_DESCRIPTION_LIMIT}] (the hint block cuts at "
-                          f"{HINT_DESCRIPTION_LIMIT} characters)")
-    if cfg.data.train_limit is not None and cfg.data.train_limit < 1:
-        raise ConfigError(f"data.train_limit = {cfg.data.train_limit}: must be >= 1 (or unset)")
-
-
 # ------------------------------------------------------------------ the loop
-def prompt_builder(pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
-                   round_index: int, tok: Tokenizer, describe: Describe):
-    """GRPO's ``build_prompt(record, step, global_index)`` hook for one round: draw the prompt's
-    hints (:func:`draw_hints`) and render them (:func:`hinted_prompt_ids`)."""
-    def build_prompt(rec: Record, step: int, index: int) -> list[int]:
-        hints = draw_hints(pools[rec.id], weights, cfg.phi, cfg.train.seed, round_index, step,
-                           index)
-        return hinted_prompt_ids(rec, tok, cfg.data, hints, describe)
+class HintedPrompts:
+    """GRPO's ``build_prompt(record, step, global_index)`` hook for one round: draws the prompt's
+    hints (:func:`draw_hints`), renders them with the one prompt function
+    (``minicd.prompts.prompt_ids``), and records each draw.
 
-    return build_prompt
+    Draws are appended (ids and codes only, no note text) to ``log_dir/hint_draws-rank<r>.jsonl``
+    so a resumed round still knows the draws of the steps run before it; :meth:`read` returns
+    the draws of every rank, one per (step, global index) (``output_dir`` is shared by the
+    ranks, as checkpoints and resume already assume)."""
+
+    def __init__(self, pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
+                 round_index: int, tok: Tokenizer, describe: Describe, log_dir: Path) -> None:
+        self.pools, self.weights, self.cfg, self.round = pools, weights, cfg, round_index
+        self.tok, self.describe, self.log_dir = tok, describe, log_dir
+
+    def __call__(self, rec: Record, step: int, index: int) -> list[int]:
+        hints = draw_hints(self.pools[rec.id], self.weights, self.cfg.phi, self.cfg.train.seed,
+                           self.round, step, index)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"hint_draws-rank{dist.get_rank()}.jsonl", "a",
+                  encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "index": index, "id": rec.id, "hints": hints})
+                    + "\n")
+        return prompt_ids(rec, self.tok, self.cfg.data, hints, self.describe)
+
+    def read(self) -> dict[tuple[int, int], tuple[str, list[str]]]:
+        """(step, global index) -> (record id, hints) over every rank's file (a step redone
+        after a resume redraws the same hints)."""
+        draws = {}
+        for path in sorted(self.log_dir.glob("hint_draws-rank*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                draws[(row["step"], row["index"])] = (row["id"], row["hints"])
+        return draws
+
+
+def prompt_builder(pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
+                   round_index: int, tok: Tokenizer, describe: Describe,
+                   log_dir: Path) -> HintedPrompts:
+    """The recording prompt builder of one round (:class:`HintedPrompts`)."""
+    return HintedPrompts(pools, weights, cfg, round_index, tok, describe, log_dir)
+
+
+def round_row(r: int, state: dict, fresh: dict, used: Sequence[Record],
+              draws: dict[tuple[int, int], tuple[str, list[str]]], result: dict,
+              wall_time_s: float) -> dict:
+    """The ``phi_rounds.jsonl`` line of round ``r`` from the draws the prompt builder recorded
+    and the pools before (``state``) and after (``fresh``) the round's refresh."""
+    drawn = [draws[k] for k in sorted(draws)]
+    hinted: dict[str, set[str]] = {}
+    for rid, h in drawn:
+        hinted.setdefault(rid, set()).update(h)
+    after = fresh["eval"]
+    return {"round": r, "records_used": len(used),
+            "pool_mean_size": state["eval"]["mean_pool_size"],
+            "grpo_steps": len({step for step, _ in draws}), "prompts": len(drawn),
+            "hint_rate": sum(bool(h) for _, h in drawn) / max(len(drawn), 1),
+            "mean_hints": float(np.mean([len(h) for _, h in drawn if h] or [0])),
+            **pool_transitions(state["pools"], fresh["pools"], hinted),
+            "reward_mean_last_step": result.get("reward_mean"),
+            "start_train_micro_recall": state["eval"]["train_micro_recall"],
+            "train_micro_recall": after["train_micro_recall"],
+            "train_micro_f1": after["train_micro_f1"], "train_macro_f1": after["train_macro_f1"],
+            "next_nonempty_pools": after["nonempty_pools"],
+            "next_mean_pool_size": after["mean_pool_size"],
+            "wall_time_s": wall_time_s}
+
+
+def initial_pools(cfg: Config, out: Path, base: str, start_adapter: str | None, info,
+                  engines: StageEngine, tok: Tokenizer, train: Sequence[Record],
+                  path: Path, *, keep: bool) -> None:
+    """Round-0 predictions (Eq. 3): the start policy is round 0's GRPO starting policy (built the
+    same way, :func:`round_config`), so the stage's engine is built here, once, and reused."""
+    c0 = round_config(cfg, out, 0, base, start_adapter)
+    policy = build_policy(c0, info)
+    engine = engines.get(c0, policy.model, tok, policy.lora_cfg, model_path=base,
+                         device=info.device)
+    engine.wake_up()
+    engine.sync_policy(policy.model)
+    refresh_predictions(engine, cfg, tok, train, path, keep=keep)
+    engine.sleep()
 
 
 def run_phi(cfg: Config) -> dict:
     """Run PHI as configured; return the last finished round's metrics row (plus ``stopped``).
 
-    See the module docstring for the round loop, the files written and resume."""
-    _check(cfg)
-    info = dist.init_distributed(cfg.train.device)
-    out, phi, seed, resume = Path(cfg.train.output_dir), cfg.phi, cfg.train.seed, cfg.train.resume
+    One rollout engine serves the whole stage (:class:`~minicd.rollout.inference.StageEngine`):
+    the round-0 predictions, every round's GRPO rollouts and every refresh; it is closed when
+    the stage ends. See the module docstring for the round loop, the files written and resume."""
+    cfg.validate("phi")
+    info = dist.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
+    engines = StageEngine()
+    try:
+        return _phi_rounds(cfg, info, engines)
+    finally:
+        engines.close()
+
+
+def _phi_rounds(cfg: Config, info: dist.DistInfo, engines: StageEngine) -> dict:
+    out, phi, resume = Path(cfg.train.output_dir), cfg.phi, cfg.train.resume
     out.mkdir(parents=True, exist_ok=True)
     train = load_split(cfg, "train", cfg.data.train_limit)
     freq = dict(Counter(c for r in train for c in set(r.codes)))   # training-gold frequency
@@ -286,7 +336,8 @@ def run_phi(cfg: Config) -> dict:
     if state is None:  # round-0 pools (Eq. 3) from the start policy's hint-free predictions
         say("=== PHI round-0 pools: greedy hint-free predictions of the start policy ===")
         path = out / "init_train_predictions.jsonl"
-        predict_train(cfg, base, start_adapter, path, info, keep=resume)
+        initial_pools(cfg, out, base, start_adapter, info, engines, tok, train, path,
+                      keep=resume)
         state = {"round": 0, "history": [],
                  **refresh_state(train, read_pool_predictions(path, train), phi, freq)}
         save_state(out, state)
@@ -295,45 +346,41 @@ def run_phi(cfg: Config) -> dict:
         r, t0 = state["round"], time.perf_counter()
         pools, weights = state["pools"], state["weights"]
         used = [rec for rec in train if pools[rec.id]]          # empty pools are skipped
-        steps = round_steps(cfg, len(used))
         say(f"=== PHI round {r + 1}/{phi.rounds}: {len(used)} of {len(train)} records with "
-            f"missed codes, {steps} GRPO steps ===")
-        if steps < 1:
+            f"missed codes ===")
+        if len(used) < cfg.grpo.prompts_per_step:
             say("minicd phi: too few records with missed codes for one GRPO step; stopping")
             break
 
-        # a. one GRPO epoch over `used`, hints drawn per (round, step, prompt)
-        result = run_grpo(round_config(cfg, out, r, base, start_adapter), train_records=used,
-                          build_prompt=prompt_builder(pools, weights, cfg, r, tok, describe))
-        if result["stopped"]:  # SIGTERM: the round's checkpoint is saved; resume continues it
-            return {"round": r, **result}
-
-        # b. hint-free greedy inference of the new checkpoint refreshes the pools (Eq. 4)
+        # a. one GRPO epoch over `used`, hints drawn per (round, step, prompt) and recorded;
+        # b. at its end, hint-free greedy inference of the final policy refreshes the pools
+        #    (Eq. 4), with the same engine
         round_dir = out / f"round-{r}"
         path = round_dir / "train_predictions.jsonl"
-        predict_train(cfg, base, str(round_dir / "adapter"), path, info, keep=resume)
+        c = round_config(cfg, out, r, base, start_adapter)
+        if not c.train.resume and info.is_main:  # a fresh round: no draws of an earlier try
+            for stale in round_dir.glob("hint_draws-rank*.jsonl"):
+                stale.unlink()
+        dist.barrier()
+        builder = prompt_builder(pools, weights, cfg, r, tok, describe, round_dir)
+
+        def refresh(policy: Policy, engine) -> None:
+            refresh_predictions(engine, cfg, tok, train, path, keep=resume)
+
+        result = run_grpo(c, train_records=used, build_prompt=builder, engine=engines,
+                          on_end=refresh,
+                          reward_context=lambda rec, p=pools: RewardContext(freq,
+                                                                            frozenset(p[rec.id])))
+        if result["stopped"]:  # SIGTERM: the round's checkpoint is saved; resume continues it
+            return {"round": r, **result}
         fresh = refresh_state(train, read_pool_predictions(path, train), phi, freq)
 
-        # c. round metrics (hints recounted from the deterministic draws) and state
-        drawn = [(used[i].id, draw_hints(pools[used[i].id], weights, phi, seed, r, s, j))
-                 for s in range(steps) for j, i in
-                 enumerate(step_prompt_indices(len(used), cfg.grpo.prompts_per_step, seed, s))]
-        hinted: dict[str, set[str]] = {}
-        for rid, h in drawn:
-            hinted.setdefault(rid, set()).update(h)
-        after = fresh["eval"]
-        row = {"round": r, "records_used": len(used), "pool_mean_size": state["eval"]["mean_pool_size"],
-               "grpo_steps": steps, "prompts": len(drawn),
-               "hint_rate": sum(bool(h) for _, h in drawn) / len(drawn),
-               "mean_hints": float(np.mean([len(h) for _, h in drawn if h] or [0])),
-               **pool_transitions(pools, fresh["pools"], hinted),
-               "reward_mean_last_step": result.get("reward_mean"),
-               "start_train_micro_recall": state["eval"]["train_micro_recall"],
-               "train_micro_recall": after["train_micro_recall"],
-               "train_micro_f1": after["train_micro_f1"], "train_macro_f1": after["train_macro_f1"],
-               "next_nonempty_pools": after["nonempty_pools"],
-               "next_mean_pool_size": after["mean_pool_size"],
-               "wall_time_s": time.perf_counter() - t0}
+        # c. round metrics from the recorded draws, and state
+        dist.barrier()  # every rank's draws are on disk
+        draws = builder.read()
+        assert {step + 1 for step, _ in draws} >= set(result["steps"]), (
+            sorted(draws), result["steps"])
+        row = round_row(r, state, fresh, used, draws, result, time.perf_counter() - t0)
         state = {"round": r + 1, "history": state["history"] + [row], **fresh}
         save_state(out, state)
         say(f"minicd phi: round {r + 1} hint-free train micro recall "

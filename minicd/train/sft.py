@@ -50,21 +50,6 @@ def epoch_micro_batches(lengths: list[int], micro_batch_size: int, seed: int, ep
     return out
 
 
-def _check(cfg: Config) -> None:
-    t, s = cfg.train, cfg.sft
-    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum",
-                       t.grad_accum), ("train.eval_every", t.eval_every),
-                       ("train.save_every", t.save_every), ("train.keep_last", t.keep_last)):
-        if value < 1:
-            raise ConfigError(f"{key} = {value}: must be >= 1")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps = {t.max_steps}: must be >= 1 (or unset)")
-    if t.max_steps is None and not s.epochs > 0:
-        raise ConfigError(f"sft.epochs = {s.epochs}: must be > 0 (or set train.max_steps)")
-    if not 0.0 <= s.warmup_ratio < 1.0:
-        raise ConfigError(f"sft.warmup_ratio = {s.warmup_ratio}: must be in [0, 1)")
-
-
 def run_sft(cfg: Config) -> dict:
     """Train with the SFT objective as configured; return the final metrics.
 
@@ -74,9 +59,9 @@ def run_sft(cfg: Config) -> dict:
     (``output_dir/adapter``, PEFT) or full model (``output_dir/model``, LoRA disabled).
     SIGTERM/SIGINT save a checkpoint and stop (the result then has ``stopped = True``).
     """
-    _check(cfg)
+    cfg.validate("sft")
     t = cfg.train
-    info = dist.init_distributed(t.device)
+    info = dist.init_distributed(t.device, timeout_s=t.dist_timeout_s)
     world = info.world_size
     policy = build_policy(cfg, info)
     model, tok = policy.model, policy.tokenizer
