@@ -5,15 +5,21 @@ with ``grpo.shared_prefix`` on and off, measured alternately in ONE run (machine
 their ratio, plus the largest log-prob gradient difference between the two paths.
 
     .venv/bin/python bench/grpo_shared_prefix.py [--prompt-tokens 450] [--response-tokens 30]
-        [--groups 8] [--group-size 8] [--hidden 160] [--layers 4] [--repeats 3] [--device cpu]
+        [--groups 8] [--group-size 8] [--hidden 160] [--layers 4] [--heads 4] [--kv-heads 2]
+        [--head-dim 40] [--ffn 480] [--vocab 1536] [--model-type qwen3] [--tied]
+        [--lora-r 16] [--repeats 3] [--device cpu]
 
 Defaults mirror the CPU demo (tiny Qwen3, 450-token notes, ~30-token answers, 8 prompts x G 8).
+SmolLM2-135M's shape: ``--model-type qwen2 --hidden 576 --layers 30 --heads 9 --kv-heads 3
+--head-dim 64 --ffn 1536 --vocab 49152 --tied --lora-r 8``; Qwen3-4B's: ``--hidden 2560
+--layers 36 --heads 32 --kv-heads 8 --head-dim 128 --ffn 9728 --vocab 151936 --tied``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import dataclasses
 import statistics
 import time
@@ -36,17 +42,26 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=160)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1536)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=None, help="default hidden / heads")
+    ap.add_argument("--ffn", type=int, default=None, help="default 3 x hidden")
+    ap.add_argument("--model-type", default="qwen3", choices=("qwen2", "qwen3"))
+    ap.add_argument("--tied", action="store_true", help="tie lm_head to the embedding")
+    ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
 
-    cfg = DecoderConfig(model_type="qwen3", vocab_size=a.vocab, hidden_size=a.hidden,
-                     intermediate_size=3 * a.hidden, num_hidden_layers=a.layers,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=a.hidden // 4,
-                     max_position_embeddings=4 * (a.prompt_tokens + a.response_tokens))
+    cfg = DecoderConfig(model_type=a.model_type, vocab_size=a.vocab, hidden_size=a.hidden,
+                        intermediate_size=a.ffn or 3 * a.hidden, num_hidden_layers=a.layers,
+                        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                        head_dim=a.head_dim or a.hidden // a.heads, tie_word_embeddings=a.tied,
+                        max_position_embeddings=4 * (a.prompt_tokens + a.response_tokens))
     model = build_model(cfg, seed=0).to(a.device)
-    inject_lora(model, LoRAConfig(r=16, alpha=32.0), generator=torch.Generator().manual_seed(0))
+    inject_lora(model, LoRAConfig(r=a.lora_r, alpha=2.0 * a.lora_r),
+                generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
     prompts, responses = [], []
     for _ in range(a.groups):
@@ -77,8 +92,10 @@ def main() -> None:
     on, off = statistics.median(times[True]), statistics.median(times[False])
     rows = len(prompts)
     print(f"grpo_update, {a.groups} prompts x G {a.group_size} = {rows} rows, prompt "
-          f"{a.prompt_tokens} + response ~{a.response_tokens} tokens, {a.device}, "
-          f"median of {a.repeats}:")
+          f"{a.prompt_tokens} + response ~{a.response_tokens} tokens, {a.model_type} hidden "
+          f"{a.hidden} x {a.layers} layers, {a.heads}/{a.kv_heads} heads x {cfg.head_dim}, vocab "
+          f"{a.vocab}, LoRA r {a.lora_r}, {a.device}, median of {a.repeats}; load average "
+          f"{os.getloadavg()[0]:.2f} at the end:")
     print(f"  shared prefix : {on:.3f} s")
     print(f"  collated rows : {off:.3f} s")
     print(f"  speed-up      : {off / on:.2f}x")

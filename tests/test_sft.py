@@ -70,3 +70,40 @@ def test_split_into_micro_batches_gives_same_loss_and_grad():
         grad_acc += gr
     assert acc.item() == pytest.approx(loss.item(), abs=1e-6)
     torch.testing.assert_close(grad_acc, grad_full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_loss_only_projection_matches_full_projection(head_trains):
+    """``target_mask``: only the loss positions' hidden states go through the head; the SFT loss
+    and every gradient equal those of projecting every position (naive full logits), on a
+    right-padded batch, with a frozen head (LoRA) and with a training head (full fine-tuning)."""
+    from minicd.algo.logprobs import model_token_logprobs
+    from minicd.model.decoder import DecoderLM as QwenForCausalLM
+    from minicd.model.hf_config import DecoderConfig as QwenConfig
+
+    cfg = QwenConfig(model_type="qwen2", vocab_size=40, hidden_size=16, intermediate_size=32,
+                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=8, tie_word_embeddings=True)
+    model = QwenForCausalLM(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)  # sharper outputs
+    model.lm_head.weight.requires_grad_(head_trains)  # tied: the embedding too
+    g = torch.Generator().manual_seed(1)
+    examples = [(torch.randint(1, 40, (n,), generator=g).tolist(),
+                 torch.randint(1, 40, (k,), generator=g).tolist()) for n, k in ((7, 3), (2, 5))]
+    b = collate_sft(examples, pad_id=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    logits = model(b.input_ids, attention_mask=b.attention_mask)           # [B, T, V]
+    ref = sft_loss(_naive_logp(logits, b.input_ids), b.loss_mask)
+    ref_grads = torch.autograd.grad(ref, params)
+    logp = model_token_logprobs(model, b.input_ids, b.attention_mask, target_mask=b.loss_mask)
+    assert logp.shape == b.loss_mask.shape
+    assert torch.equal(logp[b.loss_mask == 0], torch.zeros(int((b.loss_mask == 0).sum())))
+    loss = sft_loss(logp, b.loss_mask)
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    for got, want in zip(torch.autograd.grad(loss, params), ref_grads):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+    with pytest.raises(ValueError, match="target_mask"):
+        model_token_logprobs(model, b.input_ids, target_mask=b.loss_mask[:, 1:])

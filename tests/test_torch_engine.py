@@ -281,3 +281,65 @@ def test_sampled_logprobs_are_raw_model_logprobs():
                 full = torch.tensor([prompt + g.token_ids])
                 expected = model_token_logprobs(model, full, last_n=len(g.token_ids))[0]
             assert torch.allclose(torch.tensor(g.logprobs), expected, atol=1e-5)
+
+
+def test_unpadded_decode_runs_without_a_mask_and_finished_rows_compact_rarely(monkeypatch):
+    """Equal-length prompts: every decode step attends with no mask at all (and the tokens
+    still equal the full-forward reference); rows that finish stay in the cache until a
+    quarter of them are done, so the cache is compacted far less often than rows finish."""
+    import torch.nn.functional as F
+
+    from minicd.model import qwen
+    from minicd.rollout import torch_engine
+
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [3, 40, 77, 1]]
+    masks = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy_sdpa(q, k, v, attn_mask=None, **kw):
+        masks.append((q.shape[2], attn_mask is None))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(qwen.F, "scaled_dot_product_attention", spy_sdpa)
+    out = TorchEngine(model).generate(prompts, greedy(6))
+    for p, row in zip(prompts, out):
+        assert row[0].token_ids == reference_greedy(model, p, 6)[0]
+    decode = [none for q_len, none in masks if q_len == 1]
+    assert len(decode) == 5 * 2 and all(decode)  # 5 decode steps x 2 layers, no mask
+    masks.clear()
+    TorchEngine(model).generate(PROMPTS, greedy(3))  # unequal lengths: padded, masked
+    assert not any(none for q_len, none in masks if q_len == 1)
+    monkeypatch.setattr(qwen.F, "scaled_dot_product_attention", real_sdpa)
+
+    # 8 rows finishing one by one (each sample stops at a different step): few compactions
+    stops = reference_greedy(model, PROMPTS[0], 9)[0]
+    selects = []
+    real_select = qwen.KVCache.select
+    monkeypatch.setattr(qwen.KVCache, "select",
+                        lambda self, rows: (selects.append(len(rows)), real_select(self, rows)))
+    params = SamplingParams(n=16, temperature=1.0, max_new_tokens=9, seed=0,
+                            stop_ids=tuple(set(stops)))
+    gens = TorchEngine(model).generate([PROMPTS[0]], params)[0]
+    finish_steps = {len(g.token_ids) for g in gens if g.finish_reason == "stop"}
+    assert len(finish_steps) >= 3  # rows finished at several different steps
+    assert selects[0] == 16  # the prompt's cache row copied to its 16 samples
+    assert all(n <= 0.75 * 16 for n in selects[1:2])
+    assert len(selects) - 1 < len(finish_steps)
+    assert torch_engine.COMPACT_AT == 0.75
+
+
+def test_sample_next_inverse_cdf_by_hand():
+    """Inverse-CDF draws: zero-probability tokens never come out, frequencies follow the
+    probabilities (3 tokens: 0.5 / 0 / 0.5 -> about half each), and a seed fixes the draws."""
+    from minicd.rollout.torch_engine import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.5, 0.0]])).expand(20000, 4).contiguous()
+    draws = sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[1] == counts[3] == 0
+    assert abs(counts[0].item() / 20000 - 0.5) < 4 * (0.25 / 20000) ** 0.5
+    again = sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    one = torch.tensor([[-1e9, 3.0, -1e9]])  # a single possible token
+    assert sample_next(one, 0.7, 1.0, torch.Generator().manual_seed(1)).tolist() == [1]

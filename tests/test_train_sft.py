@@ -129,6 +129,27 @@ def test_sft_run_lowers_loss_and_writes_outputs(assets, tmp_path):
     assert note[:40] not in text
 
 
+def test_sft_projects_only_the_response_positions(assets, tmp_path, monkeypatch):
+    """The vocabulary head sees exactly the step's response tokens (the loss positions), not
+    every position of the batch."""
+    import minicd.algo.logprobs as logprobs
+
+    rows_seen = []
+    real = logprobs.token_logprobs_from_hidden
+
+    def spy(hidden, head, targets, **kw):
+        rows_seen.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
+        return real(hidden, head, targets, **kw)
+
+    monkeypatch.setattr(logprobs, "token_logprobs_from_hidden", spy)
+    out = tmp_path / "run"
+    run_sft(_cfg(assets, out, "train.max_steps=1", "data.val_limit=0",
+                 "train.eval_at_start=false"))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert sum(rows_seen) == rows[-1]["response_tokens"] > 0
+    assert rows[-1]["response_tokens"] < rows[-1]["tokens_per_s"] * rows[-1]["step_time_s"] / 2
+
+
 def test_resume_is_exact(assets, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run_sft(_cfg(assets, full, "train.max_steps=6", "data.val_limit=0"))

@@ -2,9 +2,10 @@
 
 The vocabulary projection of a long batch (``[N, T, V]`` with V = 151,936 for Qwen) is the largest
 tensor of a training step. These functions project ``chunk_tokens`` hidden states at a time, in
-fp32, keep only the per-token results, and run each chunk under ``torch.utils.checkpoint`` so the
-backward pass recomputes the chunk's logits instead of storing them: peak extra memory is
-O(chunk_tokens x V) in forward and backward.
+fp32 and keep only the per-token results: peak extra memory is O(chunk_tokens x V) in forward and
+backward. For a plain head weight the gradient w.r.t. each hidden state is computed in the
+forward pass (one H-vector per token), so nothing is stored at vocabulary size and nothing is
+recomputed; other heads run each chunk under ``torch.utils.checkpoint``.
 
 Log-probabilities are the per-token log pi(o_t | x, o_<t) whose sums give the policy ratio rho_j
 and the KL term of the GRPO objective, Eq. (2) of the paper, and the SFT negative
@@ -41,6 +42,21 @@ def _chunk_stats(h: torch.Tensor, head: Head, targets: torch.Tensor, temperature
     return logp, entropy
 
 
+def _plain_weight(head: Head) -> torch.Tensor | None:
+    """The weight ``[V, H]`` of a head that is exactly ``h @ W.T`` (a tensor, or a plain
+    bias-free ``nn.Linear`` whose weight is a local tensor, e.g. gathered by FSDP2 during the
+    forward), else None: LoRA-wrapped heads and other callables take the generic path."""
+    if isinstance(head, torch.Tensor):
+        weight = head
+    elif type(head) is nn.Linear and head.bias is None:
+        weight = head.weight
+    else:
+        return None
+    if type(weight) not in (torch.Tensor, nn.Parameter):  # a DTensor shard, a fake tensor, ...
+        return None
+    return weight
+
+
 def _needs_grad(hidden: torch.Tensor, head: Head) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -53,12 +69,145 @@ def _needs_grad(hidden: torch.Tensor, head: Head) -> bool:
     return True
 
 
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float,
+                  buf: torch.Tensor) -> torch.Tensor:
+    """Tempered fp32 logits ``h @ W.T / temperature`` ``[n, V]``, written into ``buf[:n]`` (one
+    buffer reused by every chunk: no fresh vocabulary-sized allocation per chunk)."""
+    z = buf[: h.shape[0]]
+    if h.dtype == weight.dtype == torch.float32:
+        torch.mm(h, weight.t(), out=z)
+    else:
+        z.copy_(h @ weight.t())  # logits in the weights' dtype, then fp32 (as the naive path)
+    if temperature != 1.0:
+        z /= temperature
+    return z
+
+
+def _softmax_stats(z: torch.Tensor, y: torch.Tensor, with_entropy: bool, buf: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """From tempered fp32 logits ``z`` ``[n, V]`` (overwritten with log-softmax(z)):
+    log-probs of ``y`` ``[n]``, entropies ``[n]`` (or None) and probabilities ``p`` ``[n, V]``
+    (written into ``buf[:n]``)."""
+    z -= z.amax(dim=-1, keepdim=True)
+    p = torch.exp(z, out=buf[: z.shape[0]])  # [n, V] unnormalised
+    total = p.sum(dim=-1, keepdim=True)  # [n, 1]
+    p /= total
+    z -= total.log_()  # [n, V] log p
+    logp = z.gather(-1, y[:, None]).squeeze(-1)  # [n]
+    ent = None
+    if with_entropy:  # H = -sum_v p_v log p_v, as a batched dot (no [n, V] product)
+        ent = -(p[:, None, :] @ z[:, :, None]).view(-1)  # [n]
+    return logp, ent, p
+
+
+def _dlogits(z: torch.Tensor, p: torch.Tensor, y: torch.Tensor, g_logp: torch.Tensor,
+             ent: torch.Tensor | None, g_ent: torch.Tensor | None) -> torch.Tensor:
+    """d(sum g_logp * logp + g_ent * H) / dz ``[n, V]``, written over ``p`` (and ``z`` = log p):
+    d logp_y / dz = onehot(y) - p; dH / dz = -p * (log p + H)."""
+    dz = p
+    if g_ent is not None:
+        z += ent[:, None]
+        z *= p
+        z *= -g_ent[:, None]  # [n, V] g_ent * dH/dz
+    dz *= -g_logp[:, None]
+    dz[torch.arange(dz.shape[0], device=dz.device), y] += g_logp
+    if g_ent is not None:
+        dz += z
+    return dz
+
+
+class _FusedTokenLogprobs(torch.autograd.Function):
+    """Chunked log-softmax-gather of ``h @ W.T / temperature`` with the gradient w.r.t. the
+    hidden states computed in the forward pass.
+
+    logp_t depends on h_t alone, so its gradient is one H-vector per token,
+    d logp_t / d h_t = (W[y_t] - softmax(z_t) W) / temperature, and the entropy's is
+    -(p_t * (log p_t + H_t)) W / temperature. The forward stores these ``[N, H]`` vectors and the
+    backward only scales them by the incoming gradients: no logits are kept or recomputed.
+    When the weight needs a gradient (full fine-tuning), its gradient needs the incoming
+    gradients, so the forward stores nothing vocabulary-sized and the backward recomputes each
+    chunk's logits once, giving both gradients from one ``d loss / d logits`` chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, y, temperature, with_entropy, chunk, grad_h, grad_w):
+        n_tok = h.shape[0]
+        logp = torch.empty(n_tok, dtype=torch.float32, device=h.device)  # [N]
+        ent = torch.empty(n_tok if with_entropy else 0, dtype=torch.float32, device=h.device)
+        store = grad_h and not grad_w
+        d_logp = torch.empty_like(h) if store else None  # [N, H] d logp / d h
+        d_ent = torch.empty_like(h) if store and with_entropy else None  # [N, H] d H / d h
+        rows = min(chunk, n_tok)
+        zbuf = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=h.device)
+        pbuf = torch.empty_like(zbuf)  # [chunk, V] each
+        for s in range(0, n_tok, chunk):
+            e = min(s + chunk, n_tok)
+            z = _chunk_logits(h[s:e], weight, temperature, zbuf)  # [n, V]
+            lp, en, p = _softmax_stats(z, y[s:e], with_entropy, pbuf)
+            logp[s:e] = lp
+            if with_entropy:
+                ent[s:e] = en
+            if not store:
+                continue
+            if with_entropy:  # dH/dh = -(p * (log p + H)) W
+                z += en[:, None]
+                z *= p
+                torch.mm(z.to(weight.dtype), weight, out=d_ent[s:e])
+                d_ent[s:e].neg_()
+            # d logp / dh = W[y] - p W
+            torch.addmm(weight[y[s:e]], p.to(weight.dtype), weight, alpha=-1.0,
+                        out=d_logp[s:e])
+        if store and temperature != 1.0:
+            d_logp /= temperature
+            if with_entropy:
+                d_ent /= temperature
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        ctx.cfg = (temperature, with_entropy, chunk, grad_h, grad_w)
+        if store:
+            ctx.save_for_backward(d_logp, d_ent)
+        else:
+            ctx.save_for_backward(h, weight, y, ent if with_entropy else None)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        temperature, with_entropy, chunk, grad_h, grad_w = ctx.cfg
+        if not with_entropy:
+            g_ent = None
+        if not grad_w:  # scale the stored per-token vectors
+            d_logp, d_ent = ctx.saved_tensors
+            gh = d_logp * g_logp[:, None].to(d_logp.dtype)
+            if g_ent is not None:
+                gh += d_ent * g_ent[:, None].to(d_ent.dtype)
+            return gh, None, None, None, None, None, None, None
+        h, weight, y, ent = ctx.saved_tensors  # recompute each chunk's logits once
+        gh = torch.empty_like(h) if grad_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, H]
+        zbuf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32,
+                           device=h.device)
+        pbuf = torch.empty_like(zbuf)  # [chunk, V] each
+        for s in range(0, h.shape[0], chunk):
+            e = min(s + chunk, h.shape[0])
+            z = _chunk_logits(h[s:e], weight, temperature, zbuf)  # [n, V]
+            _, _, p = _softmax_stats(z, y[s:e], False, pbuf)
+            dz = _dlogits(z, p, y[s:e], g_logp[s:e], None if g_ent is None else ent[s:e],
+                          None if g_ent is None else g_ent[s:e])
+            dz = dz.to(weight.dtype)  # [n, V]
+            if grad_h:
+                torch.mm(dz, weight, out=gh[s:e])
+            gw.addmm_(dz.t().float(), h[s:e].float(), alpha=1.0 / temperature)
+        if grad_h and temperature != 1.0:
+            gh /= temperature
+        return gh, gw.to(weight.dtype), None, None, None, None, None, None
+
+
 def token_logprobs_from_hidden(
     hidden: torch.Tensor,
     head: Head,
     targets: torch.Tensor,
     *,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 1024,
     temperature: float = 1.0,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +220,11 @@ def token_logprobs_from_hidden(
     ``log_softmax(logits.float() / temperature, -1).gather(-1, targets)``.
     Returns log-probs ``[...]`` (fp32), and with ``with_entropy`` also entropies ``[...]`` of the
     same tempered distribution.
+
+    A plain weight (a tensor or a bias-free ``nn.Linear``) takes the fused path
+    (:class:`_FusedTokenLogprobs`: gradients w.r.t. ``hidden`` computed in the forward, nothing
+    recomputed); other heads (LoRA on the head, callables) run each chunk under
+    ``torch.utils.checkpoint``. Either way peak extra memory is O(chunk_tokens x V).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -82,7 +236,25 @@ def token_logprobs_from_hidden(
     assert h.shape[0] == y.shape[0], (hidden.shape, targets.shape)
     ignored = y < 0
     y = y.clamp_min(0)
-    lean = _needs_grad(hidden, head)
+    weight = _plain_weight(head)
+    if weight is not None:
+        grad = torch.is_grad_enabled()
+        logp, ent = _FusedTokenLogprobs.apply(
+            h, weight, y, float(temperature), with_entropy, chunk_tokens,
+            grad and h.requires_grad, grad and weight.requires_grad)
+    else:
+        logp, ent = _chunked_checkpointed(h, head, y, temperature, with_entropy, chunk_tokens)
+    logp = logp.masked_fill(ignored, 0.0).view(shape)
+    if not with_entropy:
+        return logp
+    return logp, ent.view(shape)
+
+
+def _chunked_checkpointed(h: torch.Tensor, head: Head, y: torch.Tensor, temperature: float,
+                          with_entropy: bool, chunk_tokens: int,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generic path: each chunk's log-softmax under ``checkpoint`` (recomputed in backward)."""
+    lean = _needs_grad(h, head)
     logps, ents = [], []
     for s in range(0, h.shape[0], chunk_tokens):
         args = (h[s: s + chunk_tokens], head, y[s: s + chunk_tokens], temperature, with_entropy)
@@ -95,10 +267,7 @@ def token_logprobs_from_hidden(
     if not logps:  # no tokens
         empty = h.new_zeros(0, dtype=torch.float32)
         logps, ents = [empty], [empty]
-    logp = torch.cat(logps).masked_fill(ignored, 0.0).view(shape)
-    if not with_entropy:
-        return logp
-    return logp, torch.cat(ents).view(shape)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
 def model_token_logprobs(
@@ -108,7 +277,8 @@ def model_token_logprobs(
     position_ids: torch.Tensor | None = None,
     *,
     last_n: int | None = None,
-    chunk_tokens: int = 2048,
+    target_mask: torch.Tensor | None = None,
+    chunk_tokens: int = 1024,
     temperature: float = 1.0,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +286,11 @@ def model_token_logprobs(
 
     input_ids ``[B, T]`` -> ``[B, T - 1]`` (or ``[B, last_n]``: only the last ``last_n`` targets,
     e.g. the response part of right-aligned prompt+response rows, skipping the prompt's vocab
-    projection). Assumes ``model(..., head_fn=f)`` returns ``f(final-normed hidden [B, T, H],
-    head module)`` computed inside its forward, as :class:`minicd.model.qwen.QwenForCausalLM`
+    projection). ``target_mask`` (the output's shape, e.g. the SFT loss mask): only the hidden
+    states of its nonzero positions go through the vocabulary head, and the other positions
+    read 0 (log-prob and entropy) with no gradient: a loss that masks them is unchanged, and
+    its cost no longer grows with the prompt's length. Assumes ``model(..., head_fn=f)``
+    returns ``f(final-normed hidden [B, T, H], head module)`` computed inside its forward, as :class:`minicd.model.decoder.DecoderLM`
     does, so the head is applied while FSDP2 has the root's parameters gathered.
     """
     def head_fn(hidden: torch.Tensor, head: nn.Module):
@@ -125,8 +298,20 @@ def model_token_logprobs(
         if last_n is not None:
             keep = hidden.shape[1] - last_n
             hidden, targets = hidden[:, keep:], targets[:, keep:]
-        return token_logprobs_from_hidden(hidden, head, targets, chunk_tokens=chunk_tokens,
-                                          temperature=temperature, with_entropy=with_entropy)
+        if target_mask is None:
+            return token_logprobs_from_hidden(hidden, head, targets, chunk_tokens=chunk_tokens,
+                                              temperature=temperature, with_entropy=with_entropy)
+        if target_mask.shape != targets.shape:
+            raise ValueError(f"target_mask has shape {tuple(target_mask.shape)}, the log-probs "
+                             f"{tuple(targets.shape)}")
+        sel = target_mask.bool()  # [B, T-1]
+        out = token_logprobs_from_hidden(hidden[sel], head, targets[sel],  # [M, H] -> [M]
+                                         chunk_tokens=chunk_tokens, temperature=temperature,
+                                         with_entropy=with_entropy)
+        out = out if with_entropy else (out,)
+        full = [torch.zeros(targets.shape, dtype=o.dtype, device=o.device).masked_scatter(sel, o)
+                for o in out]  # [B, T-1] each
+        return tuple(full) if with_entropy else full[0]
 
     # the head runs inside the model's forward (head_fn), so FSDP2 keeps lm_head gathered
     return model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -140,7 +325,7 @@ def shared_prefix_logprobs(
     owner: Sequence[int],
     pad_id: int,
     *,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 1024,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs ``[N, R]`` of N responses, response i continuing ``prompts[owner[i]]``,

@@ -82,7 +82,9 @@ class Attention(nn.Module):
         k = _apply_rope(k.transpose(1, 2), cos, sin)  # [B, nkv, T, hd]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, nkv, S, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # no mask: causal, except one query (decoding) sees every cached key
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             is_causal=mask is None and t > 1,
                                              enable_gqa=True)  # [B, nh, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -255,8 +257,8 @@ class DecoderModel(nn.Module):
                                        torch.ones(b, t, dtype=torch.bool, device=input_ids.device))
         else:
             key_valid = valid
-        if start == 0 and (key_valid is None or bool(key_valid.all())):
-            mask = None  # plain causal attention (fast SDPA kernels)
+        if (start == 0 or t == 1) and (key_valid is None or bool(key_valid.all())):
+            mask = None  # plain causal attention, or one decoded token over an unpadded cache
         else:
             mask = attention_mask_for(key_valid, start, t)
         return position_ids, mask

@@ -2,10 +2,11 @@
 
 Each request is expanded to one row per (prompt, sample), prompt-major, and cut into batches of
 at most ``max_batch_size`` rows. A batch's distinct prompts are left-padded and prefilled once
-into a :class:`~minicd.model.qwen.KVCache` (a prompt's samples then get copies of its cache row),
+into a :class:`~minicd.model.decoder.KVCache` (a prompt's samples then get copies of its cache row),
 and the batch is decoded one token per step; a row finishes at one of ``stop_ids`` or after
-``max_new_tokens`` and is dropped from the cache (``KVCache.select``), so later steps only run
-the unfinished rows. Logits are cast to fp32 before sampling.
+``max_new_tokens``; finished rows are dropped from the cache (``KVCache.select``) once a quarter
+of the rows have finished, so later steps mostly run unfinished rows without copying the whole
+cache at every finish. Logits are cast to fp32 before sampling.
 
 There is no weight copy: the engine calls the very module the trainer updates, so
 ``sync_policy`` only bumps the weight version (it exists so the stage loops can treat this engine
@@ -23,12 +24,14 @@ from torch import nn
 
 from minicd.errors import DataError
 from minicd.log import progress as progress_bar
-from minicd.model.qwen import KVCache
+from minicd.model.decoder import KVCache
 from minicd.rollout.engine import Generation, SamplingParams, prompt_seeds
 from minicd.rollout.lockstep import Lockstep, is_sharded
 
 
 _NULL_CONTEXT = contextlib.nullcontext()
+
+COMPACT_AT = 0.75  # compact the cache when at most this fraction of its rows is still generating
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -54,19 +57,25 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     """Next token ids ``[B]`` from fp32 ``logits`` ``[B, V]``.
 
     ``temperature == 0``: argmax (greedy). Otherwise a draw from top-p-filtered
-    softmax(logits / temperature), using ``generator`` (never the global RNG when one is given).
+    softmax(logits / temperature), using ``generator`` (never the global RNG when one is given),
+    by inverse-CDF sampling: one uniform number per row and a binary search in the row's
+    cumulative probabilities (``torch.multinomial`` draws one random number per vocabulary
+    entry). A token of probability 0 is never drawn.
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
     probs = top_p_filter(probs, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum_(dim=-1)  # [B, V] (probs is not used again)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # first token whose cumulative probability exceeds u: p_k > 0 and u in [cdf_{k-1}, cdf_k)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[1] - 1)
 
 
 class TorchEngine:
     """:class:`~minicd.rollout.engine.RolloutEngine` sampling with the live ``model``.
 
-    ``model``: a :class:`~minicd.model.qwen.QwenForCausalLM` (LoRA-injected or not).
+    ``model``: a :class:`~minicd.model.decoder.DecoderLM` (LoRA-injected or not).
     ``tokenizer``: decodes response text (None: ``text`` is empty). ``device``: where prompts go
     (default: the model's device). Generation runs under ``torch.no_grad()`` with every module in
     eval mode; each module's previous train/eval mode is restored afterwards.
@@ -168,10 +177,11 @@ class TorchEngine:
             return ""
         return self.tokenizer.decode(tokens[:-1] if reason == "stop" else tokens)
 
-    def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor | None,
-                     cache: KVCache) -> torch.Tensor:
+    def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor | None, cache: KVCache,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits ``[B, V]`` of the last position, appending ``ids`` to ``cache``."""
-        logits = self.model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+        logits = self.model(ids, position_ids=positions, attention_mask=mask, kv_cache=cache,
+                            logits_to_keep=1)
         return logits[:, -1].float()
 
     def _generate_batch(self, prompts: list[Sequence[int]], params: SamplingParams,
@@ -180,7 +190,10 @@ class TorchEngine:
         """(token_ids, logprobs, finish_reason) per row of one batch.
 
         Rows are prompt-major, so the ``n`` samples of a prompt are consecutive: each distinct
-        prompt is prefilled once and its cache row and last logits are copied to its samples."""
+        prompt is prefilled once and its cache row and last logits are copied to its samples.
+        Decoding passes each row's position explicitly; a finished row stays in the cache (its
+        outputs are ignored) until at most ``COMPACT_AT`` of the cached rows are alive, then the
+        cache keeps the live rows only: a few copies per batch, not one per finishing step."""
         b, width = len(prompts), max(len(p) for p in prompts)
         distinct, owner = [], []  # consecutive equal prompts share one prefill row
         for p in prompts:
@@ -200,33 +213,42 @@ class TorchEngine:
             rows = torch.as_tensor(owner, device=self.device)
             cache.select(rows)
             logits = logits[rows]  # [B, V]
+        pos = torch.as_tensor([len(p) for p in prompts], device=self.device)  # [B] next position
 
         stop = set(params.stop_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]
         logprobs: list[list[float]] | None = [[] for _ in range(b)] \
             if params.return_logprobs else None
         reasons = ["length"] * b
-        alive = list(range(b))  # batch row of each cache row
+        rows = list(range(b))  # batch row of each cache row
+        alive = [True] * b  # per cache row: still generating
         for _ in range(params.max_new_tokens):
-            nxt = sample_next(logits, params.temperature, params.top_p, generator)  # [b_alive]
+            nxt = sample_next(logits, params.temperature, params.top_p, generator)  # [rows]
             if logprobs is not None:  # raw distribution (temperature 1), see Generation
                 lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-                for row, value in zip(alive, lp.tolist()):
-                    logprobs[row].append(value)
-            keep = []
-            for j, (row, tok) in enumerate(zip(alive, nxt.tolist())):
+                for j, value in enumerate(lp.tolist()):
+                    if alive[j]:
+                        logprobs[rows[j]].append(value)
+            for j, tok in enumerate(nxt.tolist()):
+                if not alive[j]:
+                    continue
+                row = rows[j]
                 tokens[row].append(tok)
                 if tok in stop:
                     reasons[row] = "stop"
-                elif len(tokens[row]) < params.max_new_tokens:
-                    keep.append(j)
-            if not keep:
+                    alive[j] = False
+                elif len(tokens[row]) >= params.max_new_tokens:
+                    alive[j] = False
+            n_alive = sum(alive)
+            if not n_alive:
                 break
-            if len(keep) < len(alive):  # drop finished rows from the cache
+            if n_alive <= COMPACT_AT * len(rows):  # drop finished rows from the cache
+                keep = [j for j, a in enumerate(alive) if a]
                 index = torch.tensor(keep, device=self.device)
                 cache.select(index)
-                nxt = nxt[index]
-                alive = [alive[j] for j in keep]
-            logits = self._last_logits(nxt[:, None], None, cache)  # [b_alive, V]
+                nxt, pos = nxt[index], pos[index]
+                rows, alive = [rows[j] for j in keep], [True] * len(keep)
+            logits = self._last_logits(nxt[:, None], None, cache, pos[:, None])  # [rows, V]
+            pos = pos + 1
         return [(tokens[r], None if logprobs is None else logprobs[r], reasons[r])
                 for r in range(b)]

@@ -130,7 +130,9 @@ def run_sft(cfg: Config) -> dict:
                     model.set_requires_gradient_sync(k == len(batches) - 1)
                 ids = b.input_ids.to(info.device)                               # [b, T]
                 mask = b.loss_mask.to(info.device)                              # [b, T-1]
-                logp = model_token_logprobs(model, ids, b.attention_mask.to(info.device))
+                # only the response positions go through the vocabulary head
+                logp = model_token_logprobs(model, ids, b.attention_mask.to(info.device),
+                                            target_mask=mask)
                 loss = sft_loss(logp, mask, denom)
                 loss.backward()
                 loss_sum += -(logp.detach().double() * mask.double()).sum().cpu()
