@@ -289,7 +289,7 @@ def test_unpadded_decode_runs_without_a_mask_and_finished_rows_compact_rarely(mo
     quarter of them are done, so the cache is compacted far less often than rows finish."""
     import torch.nn.functional as F
 
-    from minicd.model import qwen
+    from minicd.model import decoder
     from minicd.rollout import torch_engine
 
     model = tiny_model()
@@ -301,7 +301,7 @@ def test_unpadded_decode_runs_without_a_mask_and_finished_rows_compact_rarely(mo
         masks.append((q.shape[2], attn_mask is None))
         return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
-    monkeypatch.setattr(qwen.F, "scaled_dot_product_attention", spy_sdpa)
+    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", spy_sdpa)
     out = TorchEngine(model).generate(prompts, greedy(6))
     for p, row in zip(prompts, out):
         assert row[0].token_ids == reference_greedy(model, p, 6)[0]
@@ -310,13 +310,13 @@ def test_unpadded_decode_runs_without_a_mask_and_finished_rows_compact_rarely(mo
     masks.clear()
     TorchEngine(model).generate(PROMPTS, greedy(3))  # unequal lengths: padded, masked
     assert not any(none for q_len, none in masks if q_len == 1)
-    monkeypatch.setattr(qwen.F, "scaled_dot_product_attention", real_sdpa)
+    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", real_sdpa)
 
     # 8 rows finishing one by one (each sample stops at a different step): few compactions
     stops = reference_greedy(model, PROMPTS[0], 9)[0]
     selects = []
-    real_select = qwen.KVCache.select
-    monkeypatch.setattr(qwen.KVCache, "select",
+    real_select = decoder.KVCache.select
+    monkeypatch.setattr(decoder.KVCache, "select",
                         lambda self, rows: (selects.append(len(rows)), real_select(self, rows)))
     params = SamplingParams(n=16, temperature=1.0, max_new_tokens=9, seed=0,
                             stop_ids=tuple(set(stops)))
