@@ -2,14 +2,13 @@
 PLM-ICD segmentation and the word pipeline."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from minicd.config import ClassifierConfig
-from minicd.discriminative import (MODELS, WORD_MODELS, CAMLAttention, LabelAttention, PLMICD,
+from minicd.discriminative import (MODELS, CAMLAttention, LabelAttention, PLMICD,
                                    Vocab, build_classifier, collate_segments, pad_batch, segment,
                                    tune_threshold, words)
 from minicd.model.roberta import RobertaConfig, RobertaModel

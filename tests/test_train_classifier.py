@@ -3,13 +3,11 @@ exact resume after SIGTERM, the CLI and the torchrun refusal."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
