@@ -62,16 +62,19 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     return Path(got)
 
 
-def load_config(checkpoint_dir: str | os.PathLike) -> DecoderConfig:
-    """Parse ``<dir>/config.json`` into a :class:`DecoderConfig` (refusing unsupported models)."""
+def read_config_json(checkpoint_dir: str | os.PathLike) -> tuple[dict, Path]:
+    """``<dir>/config.json`` as a dict, and its path; a missing or corrupt file raises
+    CheckpointError naming it."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing config.json in checkpoint dir. Point at a "
                               "Hugging Face style checkpoint directory.")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}).") from exc
+    return read_json(path), path
+
+
+def load_config(checkpoint_dir: str | os.PathLike) -> DecoderConfig:
+    """Parse ``<dir>/config.json`` into a :class:`DecoderConfig` (refusing unsupported models)."""
+    data, path = read_config_json(checkpoint_dir)
     return DecoderConfig.from_hf_dict(data, source=str(path))
 
 

@@ -10,17 +10,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from minicd.errors import CheckpointError
-from minicd.model.hub import load_state_dict, resolve_checkpoint
+from minicd.model.hub import load_state_dict, read_config_json, resolve_checkpoint
 
 
 @dataclass(frozen=True)
@@ -184,14 +182,7 @@ def load_roberta(path_or_repo_id: str | os.PathLike, dtype: torch.dtype | None =
 
     ``dtype``: None keeps float32; else the weights are cast (e.g. torch.bfloat16)."""
     root = resolve_checkpoint(path_or_repo_id)
-    cfg_path = Path(root) / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path}: missing config.json; point at a Hugging Face RoBERTa "
-                              "checkpoint directory")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    data, cfg_path = read_config_json(root)
     cfg = RobertaConfig.from_hf_dict(data, source=str(cfg_path))
     raw = load_state_dict(root)
     state = {}
