@@ -3,6 +3,8 @@ transformers' generate, the chunked log-prob function, and hand-computed distrib
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -343,3 +345,92 @@ def test_sample_next_inverse_cdf_by_hand():
     assert torch.equal(draws, again)
     one = torch.tensor([[-1e9, 3.0, -1e9]])  # a single possible token
     assert sample_next(one, 0.7, 1.0, torch.Generator().manual_seed(1)).tolist() == [1]
+
+
+def test_seeded_rows_do_not_depend_on_the_other_prompts_or_batching(monkeypatch):
+    """Seeded sampling: each (prompt, sample) row draws from its own generator, so a prompt's
+    samples are the same alone, among other prompts (in another position, with ``seeds``), and
+    whatever ``max_batch_size`` and whenever finished rows are compacted out of the cache."""
+    from minicd.model import decoder
+
+    model = tiny_model()
+    a, b, c = PROMPTS
+    stops = tuple(set(reference_greedy(model, a, 9)[0][1:5]))  # rows finish at various steps
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=9, seed=7, stop_ids=stops)
+    selects = []
+    real_select = decoder.KVCache.select
+    monkeypatch.setattr(decoder.KVCache, "select",
+                        lambda self, rows: (selects.append(len(rows)), real_select(self, rows)))
+
+    def tokens(engine, prompts, p):
+        return [[g.token_ids for g in row] for row in engine.generate(prompts, p)]
+
+    gens = TorchEngine(model, max_batch_size=64).generate([a, b, c], params)  # seeds 7, 11, 15
+    base = [[g.token_ids for g in row] for row in gens]
+    assert selects[0] == 12  # the 3 prompts' cache rows copied to their 12 samples
+    lengths = {len(g.token_ids) for row in gens for g in row if g.finish_reason == "stop"}
+    assert len(lengths) >= 2 and {g.finish_reason for row in gens for g in row} == {
+        "stop", "length"}  # rows finished at different steps ...
+    assert any(n < 12 for n in selects[1:])  # ... and the cache was compacted mid-decode
+    assert len({tuple(t) for row in base for t in row}) > 6  # a real sampled stream
+    assert len({tuple(t) for t in base[0]}) > 1  # a prompt's samples differ
+
+    for size in (1, 3, 5, 64):  # 3 and 5 split a prompt's samples over two batches
+        assert tokens(TorchEngine(model, max_batch_size=size), [a, b, c], params) == base
+        alone = tokens(TorchEngine(model, max_batch_size=size), [a], params)
+        assert alone == base[:1]
+        swapped = dataclasses.replace(params, seed=None, seeds=(15, 7))
+        assert tokens(TorchEngine(model, max_batch_size=size), [c, a], swapped) == [base[2],
+                                                                                    base[0]]
+    moved = dataclasses.replace(params, seed=None, seeds=(11, 15, 7))
+    assert tokens(TorchEngine(model), [b, c, a], moved) == [base[1], base[2], base[0]]
+    other = dataclasses.replace(params, seed=None, seeds=(7, 99, 15))  # only B's seed differs
+    changed = tokens(TorchEngine(model), [a, b, c], other)
+    assert changed[0] == base[0] and changed[2] == base[2] and changed[1] != base[1]
+
+
+@torch.no_grad()
+def test_seeded_tokens_by_hand_from_row_seed():
+    """Row (i, s) of a seeded call samples its t-th token with the t-th draw of
+    ``torch.Generator().manual_seed(prompt_seed_i + s)`` (prompt seed ``seed + i * n``):
+    softmax(logits / T), top-p filter, cumulative sum, ``torch.rand(1) * total``, searchsorted."""
+    model = tiny_model()
+    temperature, top_p, seed, n = 0.8, 0.9, 7, 4
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=2,
+                            seed=seed)
+    out = TorchEngine(model).generate(PROMPTS, params)
+
+    def by_hand(prompt, generator):
+        probs = torch.softmax(model(torch.tensor([prompt]))[0, -1].float() / temperature, -1)
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # mass strictly before < top_p
+        filtered = torch.zeros_like(probs)
+        filtered[order[keep]] = probs[order[keep]]
+        cdf = filtered.cumsum(0)
+        u = torch.rand(1, generator=generator) * cdf[-1]
+        return int(torch.searchsorted(cdf, u, right=True).clamp_max(len(cdf) - 1))
+
+    expected = {}
+    for i, s in [(0, 0), (0, 3), (1, 2), (2, 1), (2, 3)]:
+        g = torch.Generator().manual_seed(seed + i * n + s)
+        first = by_hand(PROMPTS[i], g)
+        second = by_hand(PROMPTS[i] + [first], g)  # the row's stream, one draw per token
+        expected[i, s] = [first, second]
+        assert out[i][s].token_ids == expected[i, s]
+    assert len({t[0] for t in expected.values()}) > 1  # the seeds matter
+
+
+def test_sample_next_with_given_uniforms():
+    """``u``: one uniform per row, mapped through the row's CDF; a wrong shape is an error."""
+    from minicd.rollout.torch_engine import row_uniforms, sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.5, 0.0]])).expand(4, 4).contiguous()
+    u = torch.tensor([0.0, 0.25, 0.5, 0.999])  # CDF 0.5, 0.5, 1, 1
+    assert sample_next(logits, 1.0, 1.0, u=u).tolist() == [0, 0, 2, 2]
+    with pytest.raises(ValueError, match="u has shape"):
+        sample_next(logits, 1.0, 1.0, u=u[:3])
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    drawn = row_uniforms([gens[0], None, gens[1]])
+    assert drawn.tolist() == [torch.rand(1, generator=torch.Generator().manual_seed(3)).item(),
+                              0.0,
+                              torch.rand(1, generator=torch.Generator().manual_seed(4)).item()]

@@ -8,6 +8,14 @@ and the batch is decoded one token per step; a row finishes at one of ``stop_ids
 of the rows have finished, so later steps mostly run unfinished rows without copying the whole
 cache at every finish. Logits are cast to fp32 before sampling.
 
+Seeded sampling (``params.seed`` or ``params.seeds``) gives every row (prompt ``i``, sample ``s``)
+its own ``torch.Generator`` seeded :func:`~minicd.rollout.engine.prompt_seeds` ``[i] + s`` (vLLM's
+convention: request seed ``seed + i * n``, sample ``s`` at ``+ s``), from which the row draws one
+uniform number per token it samples. A row's tokens then depend only on its seed, its prompt and
+the model, not on the other rows of the call, ``max_batch_size`` or when the cache is compacted,
+so seeded calls batch all their rows like unseeded ones (rank-sharded rollouts still equal one
+process's). Unseeded calls draw from one non-deterministically seeded generator.
+
 There is no weight copy: the engine calls the very module the trainer updates, so
 ``sync_policy`` only bumps the weight version (it exists so the stage loops can treat this engine
 and the vLLM one alike).
@@ -16,7 +24,6 @@ and the vLLM one alike).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Sequence
 
 import torch
@@ -53,23 +60,42 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: torch.Generator | None = None, *,
+                u: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids ``[B]`` from fp32 ``logits`` ``[B, V]``.
 
     ``temperature == 0``: argmax (greedy). Otherwise a draw from top-p-filtered
-    softmax(logits / temperature), using ``generator`` (never the global RNG when one is given),
-    by inverse-CDF sampling: one uniform number per row and a binary search in the row's
-    cumulative probabilities (``torch.multinomial`` draws one random number per vocabulary
-    entry). A token of probability 0 is never drawn.
+    softmax(logits / temperature) by inverse-CDF sampling: one uniform number in [0, 1) per row
+    and a binary search in the row's cumulative probabilities (``torch.multinomial`` draws one
+    random number per vocabulary entry). The uniforms are ``u`` ``[B]`` when given (e.g.
+    :func:`row_uniforms`), else drawn from ``generator`` (never the global RNG when one is
+    given). A token of probability 0 is never drawn.
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
     probs = top_p_filter(probs, top_p)
     cdf = probs.cumsum_(dim=-1)  # [B, V] (probs is not used again)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)  # [B]
+    elif u.shape != (cdf.shape[0],):
+        raise ValueError(f"sample_next: u has shape {tuple(u.shape)}, expected ({cdf.shape[0]},)")
+    u = u.to(device=cdf.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]  # [B, 1]
     # first token whose cumulative probability exceeds u: p_k > 0 and u in [cdf_{k-1}, cdf_k)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[1] - 1)
+
+
+def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per row, seeded with that row's seed."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def row_uniforms(generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Uniforms ``[len(generators)]`` in [0, 1): ``torch.rand(1, generator=g)`` from each row's
+    generator, i.e. exactly one draw from each stream; a None entry (a finished row) draws
+    nothing and gets 0."""
+    return torch.cat([torch.rand(1, generator=g) if g is not None else torch.zeros(1)
+                      for g in generators])
 
 
 class TorchEngine:
@@ -94,7 +120,8 @@ class TorchEngine:
 
     @property
     def device(self) -> torch.device:
-        """Where prompts and the sampling generator live (default: the model's device now)."""
+        """Where prompts and the unseeded sampling generator live (default: the model's device
+        now); seeded rows draw their uniforms from CPU generators (see :func:`row_uniforms`)."""
         return self._device if self._device is not None else self.model.device
 
     @property
@@ -129,30 +156,22 @@ class TorchEngine:
                  progress: bool = False) -> list[list[Generation]]:
         """``params.n`` responses for each of ``prompts`` (token ids), grouped per prompt.
 
-        Sampling with ``params.seed`` (or ``params.seeds``) set: prompt ``i``'s samples come from
-        one ``torch.Generator`` seeded :func:`prompt_seeds` ``[i]`` (each prompt is its own sub-call), so they do
-        not depend on the other prompts of the call (the protocol's contract: rank-sharded
-        rollouts equal one process's). Greedy results do not depend on batching. ``progress``
-        shows a bar over batches.
+        Sampling with ``params.seed`` (or ``params.seeds``) set: sample ``s`` of prompt ``i``
+        draws from its own ``torch.Generator`` seeded :func:`prompt_seeds` ``[i] + s``, one
+        uniform per token, so it does not depend on the other prompts or rows of the call, nor
+        on ``max_batch_size`` (the protocol's contract: rank-sharded rollouts equal one
+        process's); all rows are batched together as in an unseeded call. Greedy results do not
+        depend on batching. ``progress`` shows a bar over batches.
         """
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise DataError(f"generate: prompt {i} is empty; every prompt needs >= 1 token")
         seeds = prompt_seeds(params, len(prompts))
-        if seeds is not None and not params.greedy and len(prompts) > 1:  # one call per prompt
-            return [[dataclasses.replace(g, prompt_index=i) for g in self.generate(
-                        [p], dataclasses.replace(params, seed=s, seeds=None))[0]]
-                    for i, (p, s) in enumerate(zip(prompts, seeds))]
-        if params.seeds is not None:  # one prompt
-            params = dataclasses.replace(params, seed=params.seeds[0], seeds=None)
         rows = [(i, s) for i in range(len(prompts)) for s in range(params.n)]  # prompt-major
         generator = None
-        if not params.greedy:
+        if not params.greedy and seeds is None:
             generator = torch.Generator(device=self.device)
-            if params.seed is None:
-                generator.seed()  # non-deterministic, without touching the global RNG
-            else:
-                generator.manual_seed(params.seed)
+            generator.seed()  # non-deterministic, without touching the global RNG
         out: list[list[Generation]] = [[] for _ in prompts]
         starts = range(0, len(rows), self.max_batch_size)
         modes = {m: m.training for m in self.model.modules()}
@@ -162,8 +181,11 @@ class TorchEngine:
                 for start in progress_bar(starts, desc="rollout", unit="batch",
                                           disable=None if progress else True):
                     batch = rows[start: start + self.max_batch_size]
+                    row_gens = None
+                    if not params.greedy and seeds is not None:
+                        row_gens = row_generators([seeds[i] + s for i, s in batch])
                     results = self._generate_batch([prompts[i] for i, _ in batch], params,
-                                                   generator)
+                                                   generator, row_gens)
                     for (i, s), (tokens, logprobs, reason) in zip(batch, results):
                         out[i].append(Generation(i, s, tokens, self._decode(tokens, reason),
                                                  reason, logprobs))
@@ -186,8 +208,13 @@ class TorchEngine:
 
     def _generate_batch(self, prompts: list[Sequence[int]], params: SamplingParams,
                         generator: torch.Generator | None,
+                        row_gens: list[torch.Generator] | None = None,
                         ) -> list[tuple[list[int], list[float] | None, str]]:
         """(token_ids, logprobs, finish_reason) per row of one batch.
+
+        ``row_gens`` (seeded calls): one generator per row; at every step each generating row
+        draws one uniform from its own generator and finished rows draw nothing. Otherwise
+        ``generator`` (None: greedy) draws for every cached row.
 
         Rows are prompt-major, so the ``n`` samples of a prompt are consecutive: each distinct
         prompt is prefilled once and its cache row and last logits are copied to its samples.
@@ -223,7 +250,12 @@ class TorchEngine:
         rows = list(range(b))  # batch row of each cache row
         alive = [True] * b  # per cache row: still generating
         for _ in range(params.max_new_tokens):
-            nxt = sample_next(logits, params.temperature, params.top_p, generator)  # [rows]
+            if row_gens is None:
+                nxt = sample_next(logits, params.temperature, params.top_p, generator)  # [rows]
+            else:
+                u = row_uniforms([row_gens[rows[j]] if alive[j] else None
+                                  for j in range(len(rows))])  # [rows]
+                nxt = sample_next(logits, params.temperature, params.top_p, u=u)  # [rows]
             if logprobs is not None:  # raw distribution (temperature 1), see Generation
                 lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
                 for j, value in enumerate(lp.tolist()):
