@@ -9,11 +9,15 @@ The two engines run alternately in ONE process; the ratio of median throughputs 
         [--new-tokens 64] [--prompt-tokens 256] [--repeats 2] [--threads N] [--no-vllm]
 
 Prompt lengths are drawn uniformly from [0.75, 1.25] x --prompt-tokens (so rows are padded).
+The torch engine samples SEEDED, as GRPO / PHI rollouts do (one generator per row, all P x G
+rows in one batch); vLLM samples unseeded (its CPU runner crashes on seeded requests whose
+prefill is split over steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -52,8 +56,10 @@ def main() -> None:
     lo, hi = int(0.75 * a.prompt_tokens), int(1.25 * a.prompt_tokens)
     prompts = [torch.randint(3, cfg.vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(lo, hi + 1, (a.prompts,), generator=gen)]
-    # unseeded: all 64 rows in one batch (a seeded TorchEngine call decodes prompt by prompt)
-    params = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens)
+    # all P x G rows in one batch either way; the torch engine seeded (the GRPO path: per-row
+    # generators), vLLM unseeded (see the note on its seeded requests below)
+    unseeded = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens)
+    params = {"torch": dataclasses.replace(unseeded, seed=0), "vllm": unseeded}
     engines = {"torch": TorchEngine(model, max_batch_size=a.prompts * a.samples)}
     tmp = None
     if not a.no_vllm:
@@ -63,18 +69,19 @@ def main() -> None:
         engines["vllm"] = VLLMEngine(tmp.name, dtype="float32",
                                      max_model_len=hi + a.new_tokens + 16)
     counts: dict[str, int] = {}
-    # (vLLM 0.32's CPU runner also crashes on seeded requests whose prefill is split over
-    # steps: "CPU Generator does not use offset")
+    # vLLM unseeded: 0.32's CPU runner crashes on seeded requests whose prefill is split over
+    # steps ("CPU Generator does not use offset")
 
     def run(name: str) -> None:
-        out = engines[name].generate(prompts, params)
+        out = engines[name].generate(prompts, params[name])
         counts[name] = sum(len(g.token_ids) for row in out for g in row)
 
     fns = {k: (lambda k=k: run(k)) for k in engines}
     times, _ = alternate(fns, a.repeats, warmup=a.warmup)
     rate = {k: counts[k] / median(times[k]) for k in engines}
     print(f"sampling {a.prompts} prompts ({lo}-{hi} tokens) x {a.samples} samples x "
-          f"{a.new_tokens} new tokens, T 1, {describe(cfg, a.model)}, fp32, "
+          f"{a.new_tokens} new tokens, T 1 (torch seeded, vLLM unseeded), "
+          f"{describe(cfg, a.model)}, fp32, "
           f"{torch.get_num_threads()} threads, median of {a.repeats} alternating runs; "
           f"{load()} at the end")
     for k in engines:
