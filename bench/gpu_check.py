@@ -14,9 +14,8 @@ a section that fails records its error and the others still run. Sections:
   checkpointing, 8 prompts x G 8, 4,096-token prompts and 196-token responses, with
   ``grpo.shared_prefix`` on and off: time, batch tokens/s, MFU and peak memory each;
 - ``torch_engine_sampling``: the torch engine sampling G 8 x 196 tokens for 8 4,096-token prompts
-  on the 4B shape, seeded (the GRPO path; key ``seeded_per_prompt``, a name from when a seeded
-  call ran one sub-call per prompt: now per-row generators, one batch of 64) and unseeded (one
-  batch of 64);
+  on the 4B shape, seeded (key ``seeded_per_prompt``: the GRPO path, one generator per row) and
+  unseeded (``unseeded_one_batch``), each one batch of 64;
 - ``sft_step``: one SFT optimizer step (LoRA, bf16, activation checkpointing) on two
   8,192-token examples (micro-batch 1, two accumulation steps).
 
