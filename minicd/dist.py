@@ -170,6 +170,14 @@ _MP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": tor
               "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
+def mp_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``train.mixed_precision`` name."""
+    if name not in _MP_DTYPES:
+        raise ConfigError(f"train.mixed_precision = {name!r}: expected one of "
+                          f"{', '.join(sorted(_MP_DTYPES))}")
+    return _MP_DTYPES[name]
+
+
 def shard_model(model: nn.Module, *, mixed_precision: str | None = None,
                 reshard_after_forward: bool = True) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to each decoder block, then to the root.
@@ -184,10 +192,7 @@ def shard_model(model: nn.Module, *, mixed_precision: str | None = None,
 
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if mixed_precision is not None:
-        if mixed_precision not in _MP_DTYPES:
-            raise ConfigError(f"train.mixed_precision = {mixed_precision!r}: expected one of "
-                              f"{sorted(_MP_DTYPES)} or unset")
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_MP_DTYPES[mixed_precision],
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype(mixed_precision),
                                                    reduce_dtype=torch.float32)
     layers = _decoder_layers(model)
     for block in layers:

@@ -150,6 +150,50 @@ def test_sft_projects_only_the_response_positions(assets, tmp_path, monkeypatch)
     assert rows[-1]["response_tokens"] < rows[-1]["tokens_per_s"] * rows[-1]["step_time_s"] / 2
 
 
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_masters(assets, tmp_path,
+                                                                        monkeypatch):
+    """train.mixed_precision=bfloat16 in one process: the forward matmuls run in bfloat16
+    (torch.autocast), the LoRA weights and their gradients stay float32, and the first step's
+    loss (same weights, same batch) is the fp32 loss up to bf16 rounding."""
+    from minicd import dist
+    from minicd.train.common import compute_autocast
+
+    info1 = dist.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    info2 = dist.DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    for mp, info, want in (("bfloat16", info1, torch.bfloat16), (None, info1, torch.float32),
+                           ("float32", info1, torch.float32),
+                           ("bfloat16", info2, torch.float32)):  # FSDP2's policy casts there
+        cfg = _cfg(assets, tmp_path / "x", *([f"train.mixed_precision={mp}"] if mp else []))
+        with compute_autocast(cfg, info):
+            assert lin(x).dtype == want, (mp, info.world_size)
+
+    from minicd.model.lora import LoRALinear
+
+    seen = []  # output dtypes of the LoRA-wrapped projections, one list per run
+    real = LoRALinear.forward
+
+    def spy(self, x):
+        y = real(self, x)
+        seen[-1].add(y.dtype)
+        return y
+
+    monkeypatch.setattr(LoRALinear, "forward", spy)
+    losses = {}
+    for mp in ("float32", "bfloat16"):
+        out = tmp_path / mp
+        seen.append(set())
+        run_sft(_cfg(assets, out, "train.max_steps=1", "data.val_limit=0",
+                     "train.eval_at_start=false", f"train.mixed_precision={mp}"))
+        losses[mp] = read_metrics(out / "metrics.jsonl")[-1]["loss"]
+        adapter = _adapter(out)
+        assert {t.dtype for t in adapter.values()} == {torch.float32}
+    assert seen == [{torch.float32}, {torch.bfloat16}]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+    assert losses["bfloat16"] != losses["float32"]  # it did run in a different precision
+
+
 def test_resume_is_exact(assets, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run_sft(_cfg(assets, full, "train.max_steps=6", "data.val_limit=0"))

@@ -35,6 +35,7 @@ Nothing here logs note or response text: only numbers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -63,7 +64,7 @@ from minicd.parse import ParsedCodes
 from minicd.rollout.engine import Generation, SamplingParams
 from minicd.rollout.inference import StageEngine
 from minicd.train.common import (Policy, build_optimizer, build_policy, merged_start,
-                                 clip_grad_norm, end_step, finish_stage, load_split,
+                                 clip_grad_norm, compute_autocast, end_step, finish_stage, load_split,
                                  open_metrics_logger, prompt_ids, resume_state, start_step)
 
 # (record, step, global prompt index) -> prompt token ids. PHI renders hinted prompts here.
@@ -332,8 +333,8 @@ def _as_stat(value, device) -> torch.Tensor:
 
 def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
                 g: GRPOConfig, *, micro_batch_size: int, pad_id: int,
-                device: torch.device | str = "cpu", norm_len: int | None = None
-                ) -> dict[str, float]:
+                device: torch.device | str = "cpu", norm_len: int | None = None,
+                autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
     """Steps 5-6: log-probs, then ``g.updates_per_batch`` optimizer steps on ``batch`` (Eq. 2).
 
     The loss of each micro-batch (``policy_loss``, a mean over its own tokens or rows) is weighted
@@ -346,7 +347,7 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
     (:func:`shared_prefix_logprobs`; same values and gradients up to float rounding). Returns
     global floats: loss, pg_loss, kl, clip fractions, approx_kl_old, ratio_mean, entropy,
     grad_norm (of the last update), time_logp_s and time_update_s. Gradients of the last update
-    stay in ``.grad``.
+    stay in ``.grad``. ``autocast`` (``common.compute_autocast``) wraps the forward passes.
 
     Rollout/trainer mismatch: when ``batch.rollout_logprobs`` is set, the engine's log-probs are
     compared with the old log-probs (the trainer's, of the weights that sampled) and
@@ -388,9 +389,10 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
     weights = [c / agg_total * world for c in agg_counts]
     tok_share = [c / global_tokens for c in tokens]  # for per-token statistics
 
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
     ref, old = [None] * len(mbs), [None] * len(mbs)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         if g.kl_coef != 0:  # reference policy = this model with its adapter disabled
             with disable_adapters(model):
                 ref = [m.logprobs(model) for m in mbs]
@@ -406,7 +408,8 @@ def grpo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rollo
             mask, adv = m.mask, m.advantages
             if world > 1 and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(k == len(mbs) - 1)
-            logp, entropy = m.logprobs(model, with_entropy=True)  # [b, R]
+            with autocast:
+                logp, entropy = m.logprobs(model, with_entropy=True)  # [b, R]
             old_logp = logp.detach() if old[k] is None else old[k]
             is_weights = None
             if m.rollout_logp is not None:  # engine vs trainer (TIS weights only with tis_cap)
@@ -551,6 +554,7 @@ def _grpo_loop(cfg: Config, info: dist.DistInfo, policy: Policy, engine,
     t, g, ro = cfg.train, cfg.grpo, cfg.rollout
     reward_fn = make_reward(g.reward)
     model, tok = policy.model, policy.tokenizer
+    autocast = compute_autocast(cfg, info)
     out_dir = Path(t.output_dir)
 
     val_prompts = [prompt_ids(r, tok, cfg.data) for r in val_recs]
@@ -638,7 +642,8 @@ def _grpo_loop(cfg: Config, info: dist.DistInfo, policy: Policy, engine,
             if prompts_kept:  # every rank agrees (the keep decision is global)
                 upd = grpo_update(model, optimizer, rollout_batch(kept, G, g, pad_rows), g,
                                   micro_batch_size=t.micro_batch_size, pad_id=tok.pad_id,
-                                  device=info.device, norm_len=ro.max_new_tokens)
+                                  device=info.device, norm_len=ro.max_new_tokens,
+                                  autocast=autocast)
             elif info.is_main:
                 print(f"grpo step {step + 1}: all {prompts_drawn} drawn groups had equal rewards "
                       f"(grpo.filter_groups); no update this step", file=sys.stderr)

@@ -27,7 +27,8 @@ from minicd.checkpoint import SigtermFlag, capture_rng, save_checkpoint
 from minicd.config import Config, dump_config
 from minicd.errors import ConfigError
 from minicd.log import progress
-from minicd.train.common import (build_optimizer, build_policy, clip_grad_norm, cosine_schedule,
+from minicd.train.common import (build_optimizer, build_policy, clip_grad_norm, compute_autocast,
+                                 cosine_schedule,
                                  encode_record, end_step, finish_stage, load_split,
                                  open_metrics_logger, prompt_ids, resume_state, start_step)
 
@@ -103,6 +104,7 @@ def run_sft(cfg: Config) -> dict:
                         trainer_state={"epoch": epoch, "index": index, "metrics": last},
                         keep_last=t.keep_last)
 
+    autocast = compute_autocast(cfg, info)
     model.train()
     bar = progress(total=total, desc="sft", unit="step", disable=None if info.is_main else True)
     bar.update(step)
@@ -131,8 +133,9 @@ def run_sft(cfg: Config) -> dict:
                 ids = b.input_ids.to(info.device)                               # [b, T]
                 mask = b.loss_mask.to(info.device)                              # [b, T-1]
                 # only the response positions go through the vocabulary head
-                logp = model_token_logprobs(model, ids, b.attention_mask.to(info.device),
-                                            target_mask=mask)
+                with autocast:
+                    logp = model_token_logprobs(model, ids, b.attention_mask.to(info.device),
+                                                target_mask=mask)
                 loss = sft_loss(logp, mask, denom)
                 loss.backward()
                 loss_sum += -(logp.detach().double() * mask.double()).sum().cpu()
