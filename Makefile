@@ -119,7 +119,7 @@ demo-run:
 	for m in $(DEMO_CLF); do $(PY) train.py --stage classifier --config configs/demo_classifier.toml \
 	  $(PATHS) classifier.model=$$m train.output_dir=$(DEMO)/$$m $(DEMO_CLF_ARGS) || exit 1; done
 	$(call stage,$(DEMO),8/8 evaluation (paper layout))
-	$(PY) evaluate.py --gold $(DATA) --backbone tiny-qwen3 --out $(DEMO)/eval --plots $(CLF_RUNS) \
+	$(PY) evaluate.py --gold $(DATA) --backbone tiny-qwen3 --out $(DEMO)/eval --plots $(LIMIT) $(CLF_RUNS) \
 	  --run Zero-shot=$(DEMO)/pred/zero_shot.jsonl --run SFT=$(DEMO)/pred/sft.jsonl \
 	  --run GRPO=$(DEMO)/pred/grpo.jsonl --run PHI=$(DEMO)/pred/phi.jsonl \
 	  --metrics SFT=$(DEMO)/sft/metrics.jsonl --metrics GRPO=$(DEMO)/grpo/metrics.jsonl
@@ -142,10 +142,13 @@ $(SMOLLM2)/config.json: | $(STAMP)
 SDEMO        ?= runs/demo-smollm2
 SDEMO_N      ?= 1500
 SDEMO_SEED   ?= 0
-SDEMO_LIMIT  ?= 64
-SDEMO_SFT    ?= data.train_limit=200
-SDEMO_GRPO   ?= train.max_steps=12 train.eval_every=6
-SDEMO_PHI    ?= train.max_steps=6 data.train_limit=96 train.eval_every=6
+SDEMO_LIMIT  ?= 48
+SDEMO_COT_TOKENS ?= 192
+SDEMO_FEW_SHOT_TOKENS ?= 1536
+SDEMO_SFT    ?= data.train_limit=320 data.val_limit=0
+SDEMO_GRPO   ?= train.max_steps=6 train.eval_every=3 train.eval_at_start=true \
+  train.micro_batch_size=8
+SDEMO_PHI    ?= data.train_limit=16 train.max_steps=4 train.micro_batch_size=8 data.val_limit=0
 SDEMO_BASELINES ?= zero_shot few_shot zero_shot_cot few_shot_cot
 SCFG   := configs/smollm2_demo.toml
 SDATA  := $(SDEMO)/data/mimic3/top50
@@ -169,30 +172,30 @@ demo-smollm2-run:
 	$(PY) -m minicd.data prepare --source mimic3 --raw-dir $(SDEMO)/raw --out $(SDEMO)/data
 	$(call stage,$(SDEMO),2/7 prompting baselines (Appendix D) on the base model)
 	for kind in $(SDEMO_BASELINES); do \
-	  case $$kind in *cot) new=256;; *) new=64;; esac; \
-	  case $$kind in few*) budget=2048;; *) budget=1024;; esac; \
-	  $(PY) rollout.py --config $(SCFG) --split test --prompt $$kind $(SLIMIT) \
+	  case $$kind in *cot) new=$(SDEMO_COT_TOKENS);; *) new=64;; esac; \
+	  case $$kind in few*) budget=$(SDEMO_FEW_SHOT_TOKENS);; *) budget=1024;; esac; \
+	  $(PY) rollout.py --config $(SCFG) --engine vllm --split test --prompt $$kind $(SLIMIT) \
 	    --max-new-tokens $$new --out $(SDEMO)/pred/$$kind.jsonl $(SPATHS) \
 	    data.max_prompt_tokens=$$budget || exit 1; done
 	$(call stage,$(SDEMO),3/7 SFT (LoRA r 8 on SmolLM2))
 	$(PY) train.py --stage sft --config $(SCFG) $(SPATHS) train.output_dir=$(SDEMO)/sft $(SDEMO_SFT)
-	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/sft.jsonl \
+	$(PY) rollout.py --config $(SCFG) --engine vllm --split test $(SLIMIT) --out $(SDEMO)/pred/sft.jsonl \
 	  $(SPATHS) --adapter $(SDEMO)/sft/adapter
 	$(call stage,$(SDEMO),4/7 GRPO from the SFT policy (fresh LoRA; reference = SFT))
 	$(PY) train.py --stage grpo --config $(SCFG) $(SPATHS) model.path=$(SMERGED) \
 	  train.output_dir=$(SDEMO)/grpo $(SDEMO_GRPO)
-	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/grpo.jsonl \
+	$(PY) rollout.py --config $(SCFG) --engine vllm --split test $(SLIMIT) --out $(SDEMO)/pred/grpo.jsonl \
 	  $(SPATHS) model.path=$(SMERGED) --adapter $(SDEMO)/grpo/adapter
 	$(call stage,$(SDEMO),5/7 PHI from the SFT policy (missed-code hint rounds))
 	$(PY) train.py --stage phi --config $(SCFG) $(SPATHS) model.path=$(SMERGED) \
 	  train.output_dir=$(SDEMO)/phi $(SDEMO_PHI)
-	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/phi.jsonl \
+	$(PY) rollout.py --config $(SCFG) --engine vllm --split test $(SLIMIT) --out $(SDEMO)/pred/phi.jsonl \
 	  $(SPATHS) model.path=$(SMERGED) --adapter $(SDEMO)/phi/adapter
 	$(call stage,$(SDEMO),6/7 discriminative baselines from scratch ($(DEMO_CLF); threshold tuned on val))
 	for m in $(DEMO_CLF); do $(PY) train.py --stage classifier --config configs/demo_classifier.toml \
 	  $(SPATHS) classifier.model=$$m train.output_dir=$(SDEMO)/$$m $(DEMO_CLF_ARGS) || exit 1; done
 	$(call stage,$(SDEMO),7/7 evaluation (paper layout))
-	$(PY) evaluate.py --gold $(SDATA) --backbone SmolLM2-135M --out $(SDEMO)/eval --plots \
+	$(PY) evaluate.py --gold $(SDATA) --backbone SmolLM2-135M --out $(SDEMO)/eval --plots $(SLIMIT) \
 	  $(foreach m,$(DEMO_CLF),--run $(call CLF_NAME,$m)=$(SDEMO)/$m/predictions/test.jsonl) \
 	  $(SDEMO_RUNS) $(SDEMO_METRICS)
 	$(call stage,$(SDEMO),end)

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="codes scored: gold test codes (default, Edin et al.), training codes, "
                         "or a file with one code per line")
     p.add_argument("--backbone", default="", help="backbone name for runs that give none")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="score only the first N records of each gold split (the ones `rollout.py "
+                        "--limit N` decodes); predictions for later records are skipped")
     p.add_argument("--sample-index", type=int, default=0, help="which sample to score (default 0)")
     p.add_argument("--unknown-ids", choices=("error", "warn"), default="error",
                    help="predictions for ids not in the gold set: error (default) or skip+count")
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         buckets = ev.parse_buckets(args.buckets)
         tests = gold_paths(args)
         settings = ev.sort_settings(tests)
-        golds = {s: ev.load_gold(tests[s], s, train_path=args.train, label_space=args.label_space)
+        golds = {s: ev.load_gold(tests[s], s, train_path=args.train, label_space=args.label_space,
+                                 limit=args.limit)
                  for s in settings}
         specs, seen = [], set()
         for item in args.run:
@@ -157,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             if r["n_missing"]:
                 print(f"note: {where}: {r['n_missing']} of {r['n_docs']} gold records have no "
                       "prediction (scored as empty, no span)")
+            if r.get("n_beyond_limit"):
+                print(f"note: {where}: scored the first {r['n_docs']} gold records (--limit); "
+                      f"skipped {r['n_beyond_limit']} predictions for later records")
             if r["n_unknown"]:
                 print(f"warning: {where}: skipped {r['n_unknown']} predictions for ids not in "
                       "the gold set")

@@ -106,15 +106,24 @@ class GoldSet:
     label_source: str  # "gold" | "train" | the label file's path
     train_path: Path | None = None
     train_freq: dict[str, int] | None = None
+    beyond_limit: frozenset[str] = frozenset()  # ids of the split past ``limit`` (not scored)
 
 
 def load_gold(test_path: str | Path, setting: str = "full", *, train_path: str | Path | None = None,
-              label_space: str = "gold") -> GoldSet:
-    """Read a gold test split (and training frequencies); build its label space."""
+              label_space: str = "gold", limit: int | None = None) -> GoldSet:
+    """Read a gold test split (and training frequencies); build its label space.
+
+    ``limit``: keep only the first ``limit`` records of the split, in file order (the records
+    ``rollout.py --limit`` decodes); predictions for the later ones are skipped and counted
+    (``n_beyond_limit``), and the ``gold`` label space is built from the kept records."""
     test_path = Path(test_path)
     records = read_records(test_path)
     if not records:
         raise DataError(f"{test_path}: no records; point --gold at a non-empty test split")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: expected a count >= 1 of test records to score")
+    beyond = frozenset(r.id for r in records[limit:]) if limit is not None else frozenset()
+    records = records[:limit] if limit is not None else records
     systems = {r.code_system for r in records}
     if len(systems) > 1:
         raise DataError(f"{test_path}: key 'code_system': mixes {sorted(systems)}; score each "
@@ -137,7 +146,7 @@ def load_gold(test_path: str | Path, setting: str = "full", *, train_path: str |
         labels = _read_label_file(Path(label_space))
     return GoldSet(setting, test_path, tuple(r.id for r in records), golds, systems.pop(),
                    tuple(labels), label_space if label_space in ("gold", "train")
-                   else str(label_space), train_path, train_freq)
+                   else str(label_space), train_path, train_freq, beyond)
 
 
 def _read_label_file(path: Path) -> list[str]:
@@ -160,18 +169,22 @@ def score_predictions(rows: Sequence[dict], gold: GoldSet, *, sample_index: int 
     Returns ``metrics`` (``corpus_metrics``: fractions and counts), ``format``
     (``format_rates``, missing records counted as responses without a span), ``buckets``
     (``recall_by_frequency`` with bucket labels like ">500"; None without training
-    frequencies), and counts ``n_docs n_scored n_missing n_unknown n_other_samples``."""
+    frequencies), and counts ``n_docs n_scored n_missing n_unknown n_other_samples
+    n_beyond_limit`` (rows for records past ``load_gold``'s ``limit``, skipped)."""
     if unknown not in ("error", "warn"):
         raise ValueError(f"unknown must be 'error' or 'warn', got {unknown!r}")
     position = {id_: i for i, id_ in enumerate(gold.ids)}
     labels = frozenset(gold.label_space)
     parsed: list[ParsedCodes | None] = [None] * len(gold.ids)
-    n_unknown = n_other = 0
+    n_unknown = n_other = n_beyond = 0
     for row in rows:
         if row.get("sample_index", 0) != sample_index:
             n_other += 1
             continue
         i = position.get(row["id"])
+        if i is None and row["id"] in gold.beyond_limit:
+            n_beyond += 1
+            continue
         if i is None:
             if unknown == "error":
                 raise DataError(f"{source}: key 'id': {row['id']!r} is not in the gold set "
@@ -190,7 +203,7 @@ def score_predictions(rows: Sequence[dict], gold: GoldSet, *, sample_index: int 
         "format": format_rates(preds, gold.system),
         "buckets": None,
         "n_docs": len(gold.ids), "n_scored": len(gold.ids) - n_missing, "n_missing": n_missing,
-        "n_unknown": n_unknown, "n_other_samples": n_other,
+        "n_unknown": n_unknown, "n_other_samples": n_other, "n_beyond_limit": n_beyond,
     }
     if gold.train_freq is not None:
         out["buckets"] = recall_by_frequency(preds, gold.golds, gold.train_freq, buckets)

@@ -227,6 +227,25 @@ def test_unknown_ids_error_or_counted(data):
     assert (res["n_unknown"], res["n_missing"], res["metrics"]["tp"]) == (1, 4, 0)
 
 
+def test_limit_scores_the_first_n_records_by_hand(data):
+    """--limit N: only the split's first N records (file order, as rollout.py --limit N) are
+    gold; predictions for later records are skipped and counted, unknown ids still fail."""
+    root, preds = data
+    gold = load_gold(root / "ds" / "full" / "test.jsonl", "full", limit=2)
+    assert gold.ids == ("d1", "d2") and gold.beyond_limit == {"d3", "d4"}
+    assert gold.label_space == ("250.00", "38.93", "401.9", "428.0")  # codes of d1 and d2 only
+    res = score_predictions(read_predictions(preds), gold)
+    m = res["metrics"]
+    # d1: tp 401.9 428.0, fn 38.93 (599.0 is off the label space) | d2: no span, fn 401.9 250.00
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 3)
+    assert m["micro_f1"] == pytest.approx(4 / 7)
+    assert (res["n_docs"], res["n_scored"], res["n_missing"], res["n_beyond_limit"]) == (2, 2, 0, 1)
+    with pytest.raises(DataError, match="'zz' is not in the gold set"):
+        score_predictions([{"id": "zz", "response": "<code>401.9</code>"}], gold)
+    with pytest.raises(ConfigError, match="--limit 0"):
+        load_gold(root / "ds" / "full" / "test.jsonl", "full", limit=0)
+
+
 def test_specs_and_gold_resolution(data):
     root, _ = data
     s = parse_run_spec("PHI (Ours):Qwen2.5-1.5B@Top50=a=b.jsonl", "dflt")
