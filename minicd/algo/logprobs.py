@@ -84,20 +84,22 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float,
 
 
 def _softmax_stats(z: torch.Tensor, y: torch.Tensor, with_entropy: bool, buf: torch.Tensor,
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """From tempered fp32 logits ``z`` ``[n, V]`` (overwritten with log-softmax(z)):
-    log-probs of ``y`` ``[n]``, entropies ``[n]`` (or None) and probabilities ``p`` ``[n, V]``
-    (written into ``buf[:n]``)."""
-    z -= z.amax(dim=-1, keepdim=True)
-    p = torch.exp(z, out=buf[: z.shape[0]])  # [n, V] unnormalised
-    total = p.sum(dim=-1, keepdim=True)  # [n, 1]
-    p /= total
-    z -= total.log_()  # [n, V] log p
-    logp = z.gather(-1, y[:, None]).squeeze(-1)  # [n]
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """From tempered fp32 logits ``z`` ``[n, V]``: log-probs of ``y`` ``[n]``, entropies ``[n]``
+    (or None), probabilities ``p`` ``[n, V]`` and log-probabilities ``[n, V]``.
+
+    ATen's row-wise log-softmax writes log p into ``buf[:n]`` (each row's max, sum and shift
+    done while the row is in cache), then ``p = exp(log p)`` overwrites ``z``: two passes over
+    the chunk instead of six for max / shift / exp / sum / divide / log separately."""
+    n = z.shape[0]
+    logsm = buf[:n]
+    torch.ops.aten._log_softmax.out(z, -1, False, out=logsm)  # [n, V] log p
+    p = torch.exp(logsm, out=z)  # [n, V] (the logits are not needed again)
+    logp = logsm.gather(-1, y[:, None]).squeeze(-1)  # [n]
     ent = None
     if with_entropy:  # H = -sum_v p_v log p_v, as a batched dot (no [n, V] product)
-        ent = -(p[:, None, :] @ z[:, :, None]).view(-1)  # [n]
-    return logp, ent, p
+        ent = -(p[:, None, :] @ logsm[:, :, None]).view(-1)  # [n]
+    return logp, ent, p, logsm
 
 
 def _dlogits(z: torch.Tensor, p: torch.Tensor, y: torch.Tensor, g_logp: torch.Tensor,
@@ -143,16 +145,16 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         for s in range(0, n_tok, chunk):
             e = min(s + chunk, n_tok)
             z = _chunk_logits(h[s:e], weight, temperature, zbuf)  # [n, V]
-            lp, en, p = _softmax_stats(z, y[s:e], with_entropy, pbuf)
+            lp, en, p, logsm = _softmax_stats(z, y[s:e], with_entropy, pbuf)
             logp[s:e] = lp
             if with_entropy:
                 ent[s:e] = en
             if not store:
                 continue
             if with_entropy:  # dH/dh = -(p * (log p + H)) W
-                z += en[:, None]
-                z *= p
-                torch.mm(z.to(weight.dtype), weight, out=d_ent[s:e])
+                logsm += en[:, None]
+                logsm *= p
+                torch.mm(logsm.to(weight.dtype), weight, out=d_ent[s:e])
                 d_ent[s:e].neg_()
             # d logp / dh = W[y] - p W
             torch.addmm(weight[y[s:e]], p.to(weight.dtype), weight, alpha=-1.0,
@@ -190,8 +192,8 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             e = min(s + chunk, h.shape[0])
             z = _chunk_logits(h[s:e], weight, temperature, zbuf)  # [n, V]
-            _, _, p = _softmax_stats(z, y[s:e], False, pbuf)
-            dz = _dlogits(z, p, y[s:e], g_logp[s:e], None if g_ent is None else ent[s:e],
+            _, _, p, logsm = _softmax_stats(z, y[s:e], False, pbuf)
+            dz = _dlogits(logsm, p, y[s:e], g_logp[s:e], None if g_ent is None else ent[s:e],
                           None if g_ent is None else g_ent[s:e])
             dz = dz.to(weight.dtype)  # [n, V]
             if grad_h:
