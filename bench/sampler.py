@@ -7,6 +7,7 @@ The two engines run alternately in ONE process; the ratio of median throughputs 
 
     python bench/sampler.py [--model runs/smollm2] [--prompts 8] [--samples 8]
         [--new-tokens 64] [--prompt-tokens 256] [--repeats 2] [--threads N] [--no-vllm]
+        [--compile]
 
 Prompt lengths are drawn uniformly from [0.75, 1.25] x --prompt-tokens (so rows are padded).
 The torch engine samples SEEDED, as GRPO / PHI rollouts do (one generator per row, all P x G
@@ -47,6 +48,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the torch engine on torch.compile(model, dynamic=True) "
+                         "(the warm-up rounds absorb the compilation)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -61,6 +65,10 @@ def main() -> None:
     unseeded = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens)
     params = {"torch": dataclasses.replace(unseeded, seed=0), "vllm": unseeded}
     engines = {"torch": TorchEngine(model, max_batch_size=a.prompts * a.samples)}
+    if a.compile:
+        engines["torch-compiled"] = TorchEngine(torch.compile(model, dynamic=True),
+                                                max_batch_size=a.prompts * a.samples)
+        params["torch-compiled"] = params["torch"]
     tmp = None
     if not a.no_vllm:
         from minicd.rollout.vllm_engine import VLLMEngine
@@ -85,10 +93,12 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, median of {a.repeats} alternating runs; "
           f"{load()} at the end")
     for k in engines:
-        print(f"  {k:6s}: {rate[k]:7.1f} new tokens/s ({median(times[k]):.2f} s, "
+        print(f"  {k:14s}: {rate[k]:7.1f} new tokens/s ({median(times[k]):.2f} s, "
               f"{counts[k]} tokens)")
     if "vllm" in rate:
         print(f"  torch / vLLM: {rate['torch'] / rate['vllm']:.2f}x")
+    if "torch-compiled" in rate:
+        print(f"  compiled / eager torch: {rate['torch-compiled'] / rate['torch']:.2f}x")
     if tmp is not None:
         tmp.cleanup()
 

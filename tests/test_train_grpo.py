@@ -301,6 +301,44 @@ def test_update_equals_whole_batch_loss_and_is_micro_batch_invariant(assets, agg
         torch.testing.assert_close(grads[0][name], ref_grads[name], rtol=0, atol=1e-6)
 
 
+def test_update_under_bf16_autocast(assets, monkeypatch):
+    """``grpo_update(..., autocast=torch.autocast("cpu", bfloat16))`` (what
+    ``train.mixed_precision=bfloat16`` gives one process): the reference and policy forwards run
+    their projections in bf16, the LoRA weights and gradients stay fp32, and the loss and
+    gradients are the fp32 update's up to bf16 rounding."""
+    from minicd.model.lora import LoRALinear
+
+    g = GRPOConfig(kl_coef=0.1, grad_clip=0.0, lr=1e-3, weight_decay=0.0)
+    model, batch = _update_inputs(assets)
+    dtypes: list[set] = []
+    real = LoRALinear.forward
+
+    def spy(self, x):
+        y = real(self, x)
+        dtypes[-1].add(y.dtype)
+        return y
+
+    monkeypatch.setattr(LoRALinear, "forward", spy)
+    out = {}
+    for name, ctx in (("fp32", None), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=g.lr)
+        dtypes.append(set())
+        res = grpo.grpo_update(m, opt, batch, g, micro_batch_size=6, pad_id=0, autocast=ctx)
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        assert {v.dtype for v in grads.values()} == {torch.float32}
+        assert {p.dtype for p in m.parameters()} == {torch.float32}
+        out[name] = (res, grads)
+    assert dtypes == [{torch.float32}, {torch.bfloat16}]
+    (r32, g32), (r16, g16) = out["fp32"], out["bf16"]
+    assert r16["loss"] == pytest.approx(r32["loss"], rel=0.05, abs=1e-3)
+    assert r16["kl"] == pytest.approx(r32["kl"], rel=0.2, abs=1e-4)
+    flat32 = torch.cat([v.flatten() for v in g32.values()])
+    flat16 = torch.cat([g16[k].flatten() for k in g32])
+    cos = torch.nn.functional.cosine_similarity(flat32, flat16, dim=0)
+    assert cos > 0.98 and not torch.equal(flat32, flat16)
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
 def test_masked_rows_are_left_out_of_the_loss(assets, agg):
     """grpo.mask_truncated: rows with keep = 0 give the loss and gradients of the batch without
