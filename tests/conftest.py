@@ -47,3 +47,22 @@ def smollm2_dir(tmp_path_factory):
     from minicd.model.gguf import convert_gguf, packaged_smollm2
 
     return convert_gguf(packaged_smollm2(), tmp_path_factory.mktemp("smollm2") / "model")
+
+
+@pytest.fixture
+def lora_output_dtypes(monkeypatch):
+    """Records the output dtypes of every LoRA-wrapped projection: append a fresh set to the
+    returned list before each run; the dtypes seen during that run land in the last set."""
+    from minicd.model.lora import LoRALinear
+
+    seen: list[set] = []
+    real = LoRALinear.forward
+
+    def spy(self, x):
+        y = real(self, x)
+        if seen:
+            seen[-1].add(y.dtype)
+        return y
+
+    monkeypatch.setattr(LoRALinear, "forward", spy)
+    return seen

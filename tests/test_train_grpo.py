@@ -301,24 +301,14 @@ def test_update_equals_whole_batch_loss_and_is_micro_batch_invariant(assets, agg
         torch.testing.assert_close(grads[0][name], ref_grads[name], rtol=0, atol=1e-6)
 
 
-def test_update_under_bf16_autocast(assets, monkeypatch):
+def test_update_under_bf16_autocast(assets, lora_output_dtypes):
     """``grpo_update(..., autocast=torch.autocast("cpu", bfloat16))`` (what
     ``train.mixed_precision=bfloat16`` gives one process): the reference and policy forwards run
     their projections in bf16, the LoRA weights and gradients stay fp32, and the loss and
     gradients are the fp32 update's up to bf16 rounding."""
-    from minicd.model.lora import LoRALinear
-
     g = GRPOConfig(kl_coef=0.1, grad_clip=0.0, lr=1e-3, weight_decay=0.0)
     model, batch = _update_inputs(assets)
-    dtypes: list[set] = []
-    real = LoRALinear.forward
-
-    def spy(self, x):
-        y = real(self, x)
-        dtypes[-1].add(y.dtype)
-        return y
-
-    monkeypatch.setattr(LoRALinear, "forward", spy)
+    dtypes = lora_output_dtypes
     out = {}
     for name, ctx in (("fp32", None), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
         m = copy.deepcopy(model)

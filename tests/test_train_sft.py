@@ -151,7 +151,7 @@ def test_sft_projects_only_the_response_positions(assets, tmp_path, monkeypatch)
 
 
 def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_masters(assets, tmp_path,
-                                                                        monkeypatch):
+                                                                        lora_output_dtypes):
     """train.mixed_precision=bfloat16 in one process: the forward matmuls run in bfloat16
     (torch.autocast), the LoRA weights and their gradients stay float32, and the first step's
     loss (same weights, same batch) is the fp32 loss up to bf16 rounding."""
@@ -169,17 +169,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_masters(assets, t
         with compute_autocast(cfg, info):
             assert lin(x).dtype == want, (mp, info.world_size)
 
-    from minicd.model.lora import LoRALinear
-
-    seen = []  # output dtypes of the LoRA-wrapped projections, one list per run
-    real = LoRALinear.forward
-
-    def spy(self, x):
-        y = real(self, x)
-        seen[-1].add(y.dtype)
-        return y
-
-    monkeypatch.setattr(LoRALinear, "forward", spy)
+    seen = lora_output_dtypes  # output dtypes of the LoRA-wrapped projections, one set per run
     losses = {}
     for mp in ("float32", "bfloat16"):
         out = tmp_path / mp
