@@ -86,7 +86,10 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    mixed_precision: Literal["bfloat16", "float16", "float32"] | None = None  # bfloat16 on GPU (FSDP2 MixedPrecisionPolicy); None on CPU
+    mixed_precision: Literal["bfloat16", "float16", "float32"] | None = None  # compute dtype of the
+                                       #   training forwards: FSDP2 MixedPrecisionPolicy under
+                                       #   torchrun, torch.autocast in one process (SmolLM2 demo:
+                                       #   bfloat16 on the CPU); None: the weights' dtype
     micro_batch_size: int = 4
     grad_accum: int = 4                # global batch = micro_batch_size x grad_accum x world size
     max_steps: int | None = None       # stop after this many optimizer steps (None: epochs decide)
