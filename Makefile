@@ -142,13 +142,13 @@ $(SMOLLM2)/config.json: | $(STAMP)
 SDEMO        ?= runs/demo-smollm2
 SDEMO_N      ?= 1500
 SDEMO_SEED   ?= 0
-SDEMO_LIMIT  ?= 48
-SDEMO_COT_TOKENS ?= 192
-SDEMO_FEW_SHOT_TOKENS ?= 1536
+SDEMO_LIMIT  ?= 40
+SDEMO_COT_TOKENS ?= 128
+SDEMO_FEW_SHOT_TOKENS ?= 1024
 SDEMO_SFT    ?= data.train_limit=320 data.val_limit=0
-SDEMO_GRPO   ?= train.max_steps=6 train.eval_every=3 train.eval_at_start=true \
+SDEMO_GRPO   ?= train.max_steps=6 train.eval_every=6 train.eval_at_start=true \
   train.micro_batch_size=8
-SDEMO_PHI    ?= data.train_limit=16 train.max_steps=4 train.micro_batch_size=8 data.val_limit=0
+SDEMO_PHI    ?= data.train_limit=12 train.max_steps=3 train.micro_batch_size=8 data.val_limit=0
 SDEMO_BASELINES ?= zero_shot few_shot zero_shot_cot few_shot_cot
 SCFG   := configs/smollm2_demo.toml
 SDATA  := $(SDEMO)/data/mimic3/top50
