@@ -35,7 +35,7 @@ from minicd.model.hub import load_model, load_tokenizer
 from minicd.model.lora import LoRAConfig, disable_adapters, inject_lora, lora_modules
 from minicd.rollout.engine import Generation
 from minicd.train.common import prompt_ids
-from train_fixtures import build_assets
+from train_fixtures import build_assets, save_sft_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_KEYS = {"step", "reward_mean", "reward_std", "batch_micro_f1", "zero_var_frac", "span_rate",
@@ -489,16 +489,10 @@ def test_policy_from_a_previous_adapter_and_its_reference(assets, tmp_path, mode
     continue: it is the base model."""
     from minicd import dist
     from minicd.model.hub import load_model
-    from minicd.model.lora import LoRAConfig, disable_adapters, inject_lora, save_adapter
+    from minicd.model.lora import disable_adapters
     from minicd.train.common import build_policy
 
-    sft = load_model(assets["model_dir"])
-    inject_lora(sft, LoRAConfig(r=4, alpha=8.0), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        for name, p in sft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
-    save_adapter(sft, tmp_path / "sft_adapter", LoRAConfig(r=4, alpha=8.0))
+    sft = save_sft_adapter(assets["model_dir"], tmp_path / "sft_adapter", 0.2)
     base = load_model(assets["model_dir"]).eval()
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -523,15 +517,8 @@ def test_vllm_engine_starts_from_the_merged_init_adapter(assets, tmp_path, monke
     engine the merged start model (base + SFT adapter folded in), whose logits are the SFT
     policy's, not the bare base's (a scripted engine stands in for vLLM)."""
     from minicd.model.hub import load_model
-    from minicd.model.lora import LoRAConfig, inject_lora, save_adapter
 
-    sft = load_model(assets["model_dir"])
-    inject_lora(sft, LoRAConfig(r=4, alpha=8.0), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        for name, p in sft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
-    save_adapter(sft, tmp_path / "sft_adapter", LoRAConfig(r=4, alpha=8.0))
+    sft = save_sft_adapter(assets["model_dir"], tmp_path / "sft_adapter", 0.2)
     seen = []
 
     def build(cfg, model, tok, lora_cfg, *, model_path=None, device=None):

@@ -28,11 +28,10 @@ import minicd.train.phi as phi
 from minicd.config import PHIConfig, load_config
 from minicd.data.records import read_records
 from minicd.log import read_metrics
-from minicd.model.hub import load_model, load_tokenizer
-from minicd.model.lora import LoRAConfig, inject_lora, save_adapter
+from minicd.model.hub import load_tokenizer
 from minicd.rollout.engine import Generation
 from minicd.train.grpo import rollout_seed, step_prompt_indices
-from train_fixtures import build_assets
+from train_fixtures import build_assets, save_sft_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 N = 12
@@ -45,13 +44,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("phi")
     built = build_assets(root)
     train = read_records(built["data_dir"] / "train.jsonl")[:N]
-    sft = load_model(built["model_dir"])
-    inject_lora(sft, LoRAConfig(r=4, alpha=8.0), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        for name, p in sft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    save_adapter(sft, root / "sft_adapter", LoRAConfig(r=4, alpha=8.0))
+    save_sft_adapter(built["model_dir"], root / "sft_adapter", 0.05)
     codes = sorted({c for r in train for c in r.codes})
     (root / "desc.txt").write_text("".join(f"{c}\t{DESC}\n" for c in codes))
     config = root / "phi.toml"

@@ -32,3 +32,21 @@ def build_assets(root: Path, **model_overrides) -> dict:
                      pad_token_id=tok.pad_id, **sizes)
     save_model(build_model(cfg, seed=0), model_dir)
     return {"root": root, "data_dir": data_dir, "model_dir": model_dir}
+
+
+def save_sft_adapter(model_dir: Path, out: Path, std: float):
+    """A stand-in SFT adapter: LoRA r 4 / alpha 8 (A seeded 5) with every B drawn from
+    N(0, std) (seeded per parameter name), saved in PEFT format to ``out``; returns the model."""
+    import torch
+
+    from minicd.model.hub import load_model
+    from minicd.model.lora import LoRAConfig, inject_lora, save_adapter
+
+    sft = load_model(model_dir)
+    inject_lora(sft, LoRAConfig(r=4, alpha=8.0), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(sft, out, LoRAConfig(r=4, alpha=8.0))
+    return sft
