@@ -422,7 +422,7 @@ def test_seeded_tokens_by_hand_from_row_seed():
 
 def test_sample_next_with_given_uniforms():
     """``u``: one uniform per row, mapped through the row's CDF; a wrong shape is an error."""
-    from minicd.rollout.torch_engine import row_uniforms, sample_next
+    from minicd.rollout.torch_engine import row_uniform_table, sample_next
 
     logits = torch.log(torch.tensor([[0.5, 0.0, 0.5, 0.0]])).expand(4, 4).contiguous()
     u = torch.tensor([0.0, 0.25, 0.5, 0.999])  # CDF 0.5, 0.5, 1, 1
@@ -430,7 +430,8 @@ def test_sample_next_with_given_uniforms():
     with pytest.raises(ValueError, match="u has shape"):
         sample_next(logits, 1.0, 1.0, u=u[:3])
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    drawn = row_uniforms([gens[0], None, gens[1]])
-    assert drawn.tolist() == [torch.rand(1, generator=torch.Generator().manual_seed(3)).item(),
-                              0.0,
-                              torch.rand(1, generator=torch.Generator().manual_seed(4)).item()]
+    table = row_uniform_table(gens, 20)  # [2, 20]: row r = the first 20 draws of generator r
+    for r, seed in enumerate((3, 4)):
+        one_by_one = torch.Generator().manual_seed(seed)
+        assert table[r].tolist() == [torch.rand(1, generator=one_by_one).item()
+                                     for _ in range(20)]

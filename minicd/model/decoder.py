@@ -80,12 +80,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = _apply_rope(q.transpose(1, 2), cos, sin)  # [B, nh, T, hd]
         k = _apply_rope(k.transpose(1, 2), cos, sin)  # [B, nkv, T, hd]
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # [B, nkv, S, hd]
-        # no mask: causal, except one query (decoding) sees every cached key
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             is_causal=mask is None and t > 1,
-                                             enable_gqa=True)  # [B, nh, T, hd]
+        if kv_cache is not None:  # the cache owns a cached forward's attention
+            out = kv_cache.attend(self.layer_idx, q, k, v, mask)  # [B, nh, T, hd]
+        else:  # no mask: causal
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 is_causal=mask is None and t > 1,
+                                                 enable_gqa=True)  # [B, nh, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -122,6 +122,12 @@ class KVCache:
     ``valid[b, s]`` marks slots holding a real (non-pad) token, so a left-padded prefill followed
     by one-token decode steps works; each row's positions continue from its count of real tokens.
     Capacity grows (doubling) when exceeded. Use under ``torch.no_grad()``/``inference_mode``.
+
+    A cached forward calls ``begin`` (the new tokens' validity; returns the key validity the
+    SDPA mask is built from, or None when the cache masks its own keys), ``attend`` in every
+    layer (the cache owns the attention of a cached forward) and ``commit``; reads ``length``
+    and ``seen_tokens``. :class:`minicd.model.shared_prefix_cache.SharedPrefixKVCache` is the
+    decode-only cache that keeps each distinct prompt's prefix once behind the same calls.
     """
 
     def __init__(self, config: DecoderConfig, batch_size: int, max_len: int, *,
@@ -171,6 +177,17 @@ class KVCache:
         self.keys[layer_idx][:, :, self.length: end] = k
         self.values[layer_idx][:, :, self.length: end] = v
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Cache this step's ``k``/``v`` ``[B, kv, T, hd]`` (:meth:`update`) and return the SDPA
+        output ``[B, heads, T, hd]`` of ``q`` ``[B, heads, T, hd]`` over every cached key.
+        ``mask``: boolean ``[B, 1, T, S]`` (True = attend) or None: causal, except that one
+        query (decoding) sees every cached key."""
+        k, v = self.update(layer_idx, k, v)  # [B, kv, S, hd]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=mask is None and q.shape[2] > 1,
+                                              enable_gqa=True)
 
     def commit(self) -> None:
         self.length += self._pending
@@ -305,7 +322,8 @@ class DecoderLM(nn.Module):
         positions are ``cumsum(mask) - 1`` so padded rows match unpadded ones), or an explicit
         boolean ``[B, 1, T, T]`` mask (True = attend) with ``position_ids`` for packed rows
         (a prompt followed by several responses, each blind to its siblings). ``kv_cache``:
-        a :class:`KVCache` that this call appends to. ``return_hidden=True`` returns the
+        a :class:`KVCache` that this call appends to (or a decode-only
+        :class:`~minicd.model.shared_prefix_cache.SharedPrefixKVCache`, one token per row). ``return_hidden=True`` returns the
         final-normed hidden states ``[B, T, H]`` instead of logits (for chunked log-probs).
         ``logits_to_keep=n`` computes logits for the last ``n`` positions only.
         ``head_fn(hidden, lm_head)``: returned instead of logits, computed INSIDE the forward so

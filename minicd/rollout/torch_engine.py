@@ -2,16 +2,20 @@
 
 Each request is expanded to one row per (prompt, sample), prompt-major, and cut into batches of
 at most ``max_batch_size`` rows. A batch's distinct prompts are left-padded and prefilled once
-into a :class:`~minicd.model.decoder.KVCache` (a prompt's samples then get copies of its cache row),
-and the batch is decoded one token per step; a row finishes at one of ``stop_ids`` or after
-``max_new_tokens``; finished rows are dropped from the cache (``KVCache.select``) once a quarter
-of the rows have finished, so later steps mostly run unfinished rows without copying the whole
-cache at every finish. Logits are cast to fp32 before sampling.
+into a :class:`~minicd.model.decoder.KVCache`; decoding then runs on a
+:class:`~minicd.model.shared_prefix_cache.SharedPrefixKVCache` built from it, which keeps each
+distinct prompt's prefill K/V once (no per-sample copy) and each row's generated K/V in a
+preallocated buffer, so a decode step reads a prompt's prefix once for all its samples (cascade
+attention). The batch is decoded one token per step; a row finishes at one of ``stop_ids`` or
+after ``max_new_tokens``; finished rows are dropped from the cache (``select``: it copies the
+rows' generated K/V only) once a quarter of the rows have finished, so later steps mostly run
+unfinished rows. Logits are cast to fp32 before sampling.
 
 Seeded sampling (``params.seed`` or ``params.seeds``) gives every row (prompt ``i``, sample ``s``)
 its own ``torch.Generator`` seeded :func:`~minicd.rollout.engine.prompt_seeds` ``[i] + s`` (vLLM's
 convention: request seed ``seed + i * n``, sample ``s`` at ``+ s``), from which the row draws one
-uniform number per token it samples. A row's tokens then depend only on its seed, its prompt and
+uniform number per token it samples (the row's first ``max_new_tokens`` draws are taken at once,
+:func:`row_uniform_table`: the same numbers as one draw per token). A row's tokens then depend only on its seed, its prompt and
 the model, not on the other rows of the call, ``max_batch_size`` or when the cache is compacted,
 so seeded calls batch all their rows like unseeded ones (rank-sharded rollouts still equal one
 process's). Unseeded calls draw from one non-deterministically seeded generator.
@@ -32,6 +36,7 @@ from torch import nn
 from minicd.errors import DataError
 from minicd.log import progress as progress_bar
 from minicd.model.decoder import KVCache
+from minicd.model.shared_prefix_cache import SharedPrefixKVCache
 from minicd.rollout.engine import Generation, SamplingParams, prompt_seeds
 from minicd.rollout.lockstep import Lockstep, is_sharded
 
@@ -68,7 +73,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     softmax(logits / temperature) by inverse-CDF sampling: one uniform number in [0, 1) per row
     and a binary search in the row's cumulative probabilities (``torch.multinomial`` draws one
     random number per vocabulary entry). The uniforms are ``u`` ``[B]`` when given (e.g.
-    :func:`row_uniforms`), else drawn from ``generator`` (never the global RNG when one is
+    :func:`row_uniform_table`), else drawn from ``generator`` (never the global RNG when one is
     given). A token of probability 0 is never drawn.
     """
     if temperature == 0.0:
@@ -90,12 +95,12 @@ def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def row_uniforms(generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Uniforms ``[len(generators)]`` in [0, 1): ``torch.rand(1, generator=g)`` from each row's
-    generator, i.e. exactly one draw from each stream; a None entry (a finished row) draws
-    nothing and gets 0."""
-    return torch.cat([torch.rand(1, generator=g) if g is not None else torch.zeros(1)
-                      for g in generators])
+def row_uniform_table(generators: Sequence[torch.Generator], n: int) -> torch.Tensor:
+    """Uniforms ``[len(generators), n]`` in [0, 1): row r holds the first ``n`` draws of
+    ``generators[r]`` (``torch.rand(n, generator=g)`` on a CPU generator draws the same numbers,
+    in order, as ``n`` calls of ``torch.rand(1, generator=g)``); the t-th token of row r is
+    sampled with entry ``[r, t]``."""
+    return torch.stack([torch.rand(n, generator=g) for g in generators])
 
 
 class TorchEngine:
@@ -121,7 +126,7 @@ class TorchEngine:
     @property
     def device(self) -> torch.device:
         """Where prompts and the unseeded sampling generator live (default: the model's device
-        now); seeded rows draw their uniforms from CPU generators (see :func:`row_uniforms`)."""
+        now); seeded rows draw their uniforms from CPU generators (see :func:`row_uniform_table`)."""
         return self._device if self._device is not None else self.model.device
 
     @property
@@ -199,7 +204,8 @@ class TorchEngine:
             return ""
         return self.tokenizer.decode(tokens[:-1] if reason == "stop" else tokens)
 
-    def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor | None, cache: KVCache,
+    def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                     cache: KVCache | SharedPrefixKVCache,
                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits ``[B, V]`` of the last position, appending ``ids`` to ``cache``."""
         logits = self.model(ids, position_ids=positions, attention_mask=mask, kv_cache=cache,
@@ -212,15 +218,16 @@ class TorchEngine:
                         ) -> list[tuple[list[int], list[float] | None, str]]:
         """(token_ids, logprobs, finish_reason) per row of one batch.
 
-        ``row_gens`` (seeded calls): one generator per row; at every step each generating row
-        draws one uniform from its own generator and finished rows draw nothing. Otherwise
-        ``generator`` (None: greedy) draws for every cached row.
+        ``row_gens`` (seeded calls): one generator per row; row r samples its t-th token with
+        the t-th draw of its own generator (:func:`row_uniform_table`), whatever the other rows
+        do. Otherwise ``generator`` (None: greedy) draws for every cached row.
 
         Rows are prompt-major, so the ``n`` samples of a prompt are consecutive: each distinct
-        prompt is prefilled once and its cache row and last logits are copied to its samples.
+        prompt is prefilled once, its last logits are copied to its samples, and decoding runs
+        on a :class:`SharedPrefixKVCache` that reads its prefix once per step for all of them.
         Decoding passes each row's position explicitly; a finished row stays in the cache (its
         outputs are ignored) until at most ``COMPACT_AT`` of the cached rows are alive, then the
-        cache keeps the live rows only: a few copies per batch, not one per finishing step."""
+        cache keeps the live rows only."""
         b, width = len(prompts), max(len(p) for p in prompts)
         distinct, owner = [], []  # consecutive equal prompts share one prefill row
         for p in prompts:
@@ -234,13 +241,15 @@ class TorchEngine:
             ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
             mask[r, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = KVCache.for_model(self.model, u, width + params.max_new_tokens)
-        logits = self._last_logits(ids, mask, cache)  # [U, V]
+        prefill = KVCache.for_model(self.model, u, width)
+        logits = self._last_logits(ids, mask, prefill)  # [U, V]
         if u < b:
-            rows = torch.as_tensor(owner, device=self.device)
-            cache.select(rows)
-            logits = logits[rows]  # [B, V]
+            logits = logits[torch.as_tensor(owner, device=self.device)]  # [B, V]
+        cache = SharedPrefixKVCache(prefill, owner, max(params.max_new_tokens - 1, 1))
         pos = torch.as_tensor([len(p) for p in prompts], device=self.device)  # [B] next position
+        uniforms = None  # [B, max_new] seeded rows' draws
+        if row_gens is not None:
+            uniforms = row_uniform_table(row_gens, params.max_new_tokens).to(self.device)
 
         stop = set(params.stop_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]
@@ -248,14 +257,14 @@ class TorchEngine:
             if params.return_logprobs else None
         reasons = ["length"] * b
         rows = list(range(b))  # batch row of each cache row
+        row_index = torch.arange(b, device=self.device)  # [rows] the same, on the device
         alive = [True] * b  # per cache row: still generating
-        for _ in range(params.max_new_tokens):
-            if row_gens is None:
+        for step in range(params.max_new_tokens):
+            if uniforms is None:
                 nxt = sample_next(logits, params.temperature, params.top_p, generator)  # [rows]
             else:
-                u = row_uniforms([row_gens[rows[j]] if alive[j] else None
-                                  for j in range(len(rows))])  # [rows]
-                nxt = sample_next(logits, params.temperature, params.top_p, u=u)  # [rows]
+                nxt = sample_next(logits, params.temperature, params.top_p,
+                                  u=uniforms[row_index, step])  # [rows]
             if logprobs is not None:  # raw distribution (temperature 1), see Generation
                 lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
                 for j, value in enumerate(lp.tolist()):
@@ -277,8 +286,8 @@ class TorchEngine:
             if n_alive <= COMPACT_AT * len(rows):  # drop finished rows from the cache
                 keep = [j for j, a in enumerate(alive) if a]
                 index = torch.tensor(keep, device=self.device)
-                cache.select(index)
-                nxt, pos = nxt[index], pos[index]
+                cache.select(keep)
+                nxt, pos, row_index = nxt[index], pos[index], row_index[index]
                 rows, alive = [rows[j] for j in keep], [True] * len(keep)
             logits = self._last_logits(nxt[:, None], None, cache, pos[:, None])  # [rows, V]
             pos = pos + 1
