@@ -285,49 +285,59 @@ def test_sampled_logprobs_are_raw_model_logprobs():
             assert torch.allclose(torch.tensor(g.logprobs), expected, atol=1e-5)
 
 
-def test_unpadded_decode_runs_without_a_mask_and_finished_rows_compact_rarely(monkeypatch):
-    """Equal-length prompts: every decode step attends with no mask at all (and the tokens
-    still equal the full-forward reference); rows that finish stay in the cache until a
-    quarter of them are done, so the cache is compacted far less often than rows finish."""
+def test_decode_reads_shared_prefix_without_copies_and_finished_rows_compact_rarely(
+        monkeypatch):
+    """Decoding runs on a SharedPrefixKVCache built from the prefill cache: its prefix tensors
+    ARE the prefill's (no per-sample copy), no decode step goes through SDPA, and an unpadded
+    batch needs no padding bias; rows that finish stay in the cache until a quarter of them are
+    done, so the cache is compacted far less often than rows finish."""
     import torch.nn.functional as F
 
-    from minicd.model import decoder
+    from minicd.model import decoder, shared_prefix_cache
     from minicd.rollout import torch_engine
 
     model = tiny_model()
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [3, 40, 77, 1]]
-    masks = []
+    sdpa_queries, caches = [], []
     real_sdpa = F.scaled_dot_product_attention
+    real_init = shared_prefix_cache.SharedPrefixKVCache.__init__
 
     def spy_sdpa(q, k, v, attn_mask=None, **kw):
-        masks.append((q.shape[2], attn_mask is None))
+        sdpa_queries.append(q.shape[2])
         return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
+    def spy_init(self, prefix, owner, max_new):
+        real_init(self, prefix, owner, max_new)
+        caches.append((self, [k.data_ptr() for k in prefix.keys], list(owner)))
+
     monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", spy_sdpa)
-    out = TorchEngine(model).generate(prompts, greedy(6))
+    monkeypatch.setattr(shared_prefix_cache.SharedPrefixKVCache, "__init__", spy_init)
+    out = TorchEngine(model).generate(prompts, greedy(6, n=2))
+    assert sdpa_queries == [4, 4]  # the prefill (2 layers); the 5 decode steps: no SDPA
     for p, row in zip(prompts, out):
-        assert row[0].token_ids == reference_greedy(model, p, 6)[0]
-    decode = [none for q_len, none in masks if q_len == 1]
-    assert len(decode) == 5 * 2 and all(decode)  # 5 decode steps x 2 layers, no mask
-    masks.clear()
+        assert [g.token_ids for g in row] == [reference_greedy(model, p, 6)[0]] * 2
+    ((cache, prefill_ptrs, owner),) = caches
+    assert owner == [0, 0, 1, 1, 2, 2]
+    assert [k.data_ptr() for k in cache.prefix_keys] == prefill_ptrs  # read in place
+    assert cache.prefix_keys[0].shape[0] == 3 and cache.prefix_bias is None
+    caches.clear()
     TorchEngine(model).generate(PROMPTS, greedy(3))  # unequal lengths: padded, masked
-    assert not any(none for q_len, none in masks if q_len == 1)
+    assert caches[0][0].prefix_bias is not None
     monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", real_sdpa)
 
-    # 8 rows finishing one by one (each sample stops at a different step): few compactions
+    # 16 rows finishing one by one (each sample stops at a different step): few compactions
     stops = reference_greedy(model, PROMPTS[0], 9)[0]
     selects = []
-    real_select = decoder.KVCache.select
-    monkeypatch.setattr(decoder.KVCache, "select",
+    real_select = shared_prefix_cache.SharedPrefixKVCache.select
+    monkeypatch.setattr(shared_prefix_cache.SharedPrefixKVCache, "select",
                         lambda self, rows: (selects.append(len(rows)), real_select(self, rows)))
     params = SamplingParams(n=16, temperature=1.0, max_new_tokens=9, seed=0,
                             stop_ids=tuple(set(stops)))
     gens = TorchEngine(model).generate([PROMPTS[0]], params)[0]
     finish_steps = {len(g.token_ids) for g in gens if g.finish_reason == "stop"}
     assert len(finish_steps) >= 3  # rows finished at several different steps
-    assert selects[0] == 16  # the prompt's cache row copied to its 16 samples
-    assert all(n <= 0.75 * 16 for n in selects[1:2])
-    assert len(selects) - 1 < len(finish_steps)
+    assert selects and all(n <= 0.75 * 16 for n in selects[:1])
+    assert len(selects) < len(finish_steps)
     assert torch_engine.COMPACT_AT == 0.75
 
 
@@ -351,15 +361,15 @@ def test_seeded_rows_do_not_depend_on_the_other_prompts_or_batching(monkeypatch)
     """Seeded sampling: each (prompt, sample) row draws from its own generator, so a prompt's
     samples are the same alone, among other prompts (in another position, with ``seeds``), and
     whatever ``max_batch_size`` and whenever finished rows are compacted out of the cache."""
-    from minicd.model import decoder
+    from minicd.model import shared_prefix_cache
 
     model = tiny_model()
     a, b, c = PROMPTS
     stops = tuple(set(reference_greedy(model, a, 9)[0][1:5]))  # rows finish at various steps
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=9, seed=7, stop_ids=stops)
     selects = []
-    real_select = decoder.KVCache.select
-    monkeypatch.setattr(decoder.KVCache, "select",
+    real_select = shared_prefix_cache.SharedPrefixKVCache.select
+    monkeypatch.setattr(shared_prefix_cache.SharedPrefixKVCache, "select",
                         lambda self, rows: (selects.append(len(rows)), real_select(self, rows)))
 
     def tokens(engine, prompts, p):
@@ -367,11 +377,10 @@ def test_seeded_rows_do_not_depend_on_the_other_prompts_or_batching(monkeypatch)
 
     gens = TorchEngine(model, max_batch_size=64).generate([a, b, c], params)  # seeds 7, 11, 15
     base = [[g.token_ids for g in row] for row in gens]
-    assert selects[0] == 12  # the 3 prompts' cache rows copied to their 12 samples
     lengths = {len(g.token_ids) for row in gens for g in row if g.finish_reason == "stop"}
     assert len(lengths) >= 2 and {g.finish_reason for row in gens for g in row} == {
         "stop", "length"}  # rows finished at different steps ...
-    assert any(n < 12 for n in selects[1:])  # ... and the cache was compacted mid-decode
+    assert any(n < 12 for n in selects)  # ... and the cache was compacted mid-decode
     assert len({tuple(t) for row in base for t in row}) > 6  # a real sampled stream
     assert len({tuple(t) for t in base[0]}) > 1  # a prompt's samples differ
 
@@ -435,3 +444,58 @@ def test_sample_next_with_given_uniforms():
         one_by_one = torch.Generator().manual_seed(seed)
         assert table[r].tolist() == [torch.rand(1, generator=one_by_one).item()
                                      for _ in range(20)]
+
+
+@torch.no_grad()
+def reference_rows(model, prompts, params):
+    """The tokens of each (prompt, sample) row computed alone by full forwards on the growing
+    sequence (no cache, no batching): argmax when greedy, else the row's own generator seeded
+    ``seed + i * n + s`` drawing ``torch.rand(1)`` per token into ``sample_next``."""
+    from minicd.rollout.torch_engine import sample_next
+
+    out = []
+    for i, prompt in enumerate(prompts):
+        row = []
+        for s in range(params.n):
+            g = None if params.greedy else torch.Generator().manual_seed(
+                params.seed + i * params.n + s)
+            seq, toks = list(prompt), []
+            for _ in range(params.max_new_tokens):
+                logits = model(torch.tensor([seq]))[0, -1:].float()  # [1, V]
+                if g is None:
+                    tok = int(logits.argmax())
+                else:
+                    tok = int(sample_next(logits, params.temperature, params.top_p,
+                                          u=torch.rand(1, generator=g))[0])
+                toks.append(tok)
+                seq.append(tok)
+                if tok in params.stop_ids:
+                    break
+            row.append(toks)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3-gqa", "llama-mha"])
+def test_shared_prefix_decode_equals_unbatched_reference(arch):
+    """Several prompts of different lengths (left padding), n > 1, stop ids that finish rows at
+    different steps (so the cache is compacted mid-decode and prompts lose rows unequally):
+    greedy and seeded-sampled tokens equal the unbatched, uncached reference row by row."""
+    if arch == "qwen3-gqa":
+        model = tiny_model()
+    else:
+        cfg = DecoderConfig(model_type="llama", vocab_size=VOCAB, hidden_size=48,
+                            intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                            num_key_value_heads=3, head_dim=16, initializer_range=0.2,
+                            rope_theta=10000.0)
+        model = build_model(cfg, seed=3)
+    prompts = PROMPTS + [[9, 8, 7, 6, 5, 4, 3, 2, 90, 91]]
+    free = reference_rows(model, prompts, greedy(10))
+    stops = tuple({row[0][k] for row, k in zip(free, (2, 5, 8, 3))} - {free[3][0][0]})
+    for params in (greedy(10, n=3, stop_ids=stops),
+                   SamplingParams(n=5, temperature=1.0, top_p=0.95, max_new_tokens=10, seed=3,
+                                  stop_ids=stops)):
+        got = [[g.token_ids for g in row] for row in TorchEngine(model).generate(prompts, params)]
+        assert got == reference_rows(model, prompts, params)
+        stopped = {len(t) for row in got for t in row if t[-1] in stops}
+        assert len(stopped) >= 2  # rows finished at different steps
