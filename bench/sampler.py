@@ -10,15 +10,14 @@ The two engines run alternately in ONE process; the ratio of median throughputs 
         [--compile]
 
 Prompt lengths are drawn uniformly from [0.75, 1.25] x --prompt-tokens (so rows are padded).
-The torch engine samples SEEDED, as GRPO / PHI rollouts do (one generator per row, all P x G
-rows in one batch); vLLM samples unseeded (its CPU runner crashes on seeded requests whose
-prefill is split over steps).
+Both engines sample SEEDED (seed 0), as GRPO / PHI rollouts do: the torch engine one generator
+per row, all P x G rows in one batch; vLLM one seeded request per prompt (``VLLMEngine`` turns
+off chunked prefill on CPU, whose generator rewind crashed seeded requests).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -60,10 +59,9 @@ def main() -> None:
     lo, hi = int(0.75 * a.prompt_tokens), int(1.25 * a.prompt_tokens)
     prompts = [torch.randint(3, cfg.vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(lo, hi + 1, (a.prompts,), generator=gen)]
-    # all P x G rows in one batch either way; the torch engine seeded (the GRPO path: per-row
-    # generators), vLLM unseeded (see the note on its seeded requests below)
-    unseeded = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens)
-    params = {"torch": dataclasses.replace(unseeded, seed=0), "vllm": unseeded}
+    # all P x G rows in one batch either way, both seeded (the GRPO path)
+    seeded = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens, seed=0)
+    params = {"torch": seeded, "vllm": seeded}
     engines = {"torch": TorchEngine(model, max_batch_size=a.prompts * a.samples)}
     if a.compile:
         engines["torch-compiled"] = TorchEngine(torch.compile(model, dynamic=True),
@@ -77,8 +75,6 @@ def main() -> None:
         engines["vllm"] = VLLMEngine(tmp.name, dtype="float32",
                                      max_model_len=hi + a.new_tokens + 16)
     counts: dict[str, int] = {}
-    # vLLM unseeded: 0.32's CPU runner crashes on seeded requests whose prefill is split over
-    # steps ("CPU Generator does not use offset")
 
     def run(name: str) -> None:
         out = engines[name].generate(prompts, params[name])
@@ -88,7 +84,7 @@ def main() -> None:
     times, _ = alternate(fns, a.repeats, warmup=a.warmup)
     rate = {k: counts[k] / median(times[k]) for k in engines}
     print(f"sampling {a.prompts} prompts ({lo}-{hi} tokens) x {a.samples} samples x "
-          f"{a.new_tokens} new tokens, T 1 (torch seeded, vLLM unseeded), "
+          f"{a.new_tokens} new tokens, T 1 (both seeded), "
           f"{describe(cfg, a.model)}, fp32, "
           f"{torch.get_num_threads()} threads, median of {a.repeats} alternating runs; "
           f"{load()} at the end")
