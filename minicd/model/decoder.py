@@ -9,7 +9,9 @@ name, and ``model.model.layers[i]`` are the units FSDP2 shards.
 Numerics follow transformers (fp32 parity <= 1e-5): RMSNorm in fp32 then cast back and scaled;
 half-split RoPE with cos/sin computed in fp32 and cast to the activation dtype; Qwen3 per-head
 ``q_norm``/``k_norm`` before RoPE; SwiGLU MLP (Llama's optional ``mlp_bias``); attention through
-``F.scaled_dot_product_attention(..., enable_gqa=True)``.
+``F.scaled_dot_product_attention(..., enable_gqa=True)`` (a cached forward's attention belongs
+to its cache: ``KVCache.attend``, or the shared-prefix decode attention of
+:mod:`minicd.model.shared_prefix_cache`).
 """
 
 from __future__ import annotations
@@ -323,8 +325,9 @@ class DecoderLM(nn.Module):
         boolean ``[B, 1, T, T]`` mask (True = attend) with ``position_ids`` for packed rows
         (a prompt followed by several responses, each blind to its siblings). ``kv_cache``:
         a :class:`KVCache` that this call appends to (or a decode-only
-        :class:`~minicd.model.shared_prefix_cache.SharedPrefixKVCache`, one token per row). ``return_hidden=True`` returns the
-        final-normed hidden states ``[B, T, H]`` instead of logits (for chunked log-probs).
+        :class:`~minicd.model.shared_prefix_cache.SharedPrefixKVCache`, one token per row,
+        explicit ``position_ids``). ``return_hidden=True`` returns the final-normed hidden
+        states ``[B, T, H]`` instead of logits (for chunked log-probs).
         ``logits_to_keep=n`` computes logits for the last ``n`` positions only.
         ``head_fn(hidden, lm_head)``: returned instead of logits, computed INSIDE the forward so
         that FSDP2 keeps the root's parameters (lm_head, tied embeddings) gathered while it runs;

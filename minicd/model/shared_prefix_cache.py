@@ -156,10 +156,11 @@ class SharedPrefixKVCache:
         bias = self.prefix_bias
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
-        return shared_prefix_attention(
-            q, self.prefix_keys[layer_idx], self.prefix_values[layer_idx], bias,
-            self.suffix_keys[layer_idx][:, :, : n + 1], self.suffix_values[layer_idx][:, :, : n + 1],
-            self.slots, self.slot_of_row)
+        suffix_k = self.suffix_keys[layer_idx][:, :, : n + 1]  # [B, kv, n + 1, hd]
+        suffix_v = self.suffix_values[layer_idx][:, :, : n + 1]
+        return shared_prefix_attention(q, self.prefix_keys[layer_idx],
+                                       self.prefix_values[layer_idx], bias, suffix_k, suffix_v,
+                                       self.slots, self.slot_of_row)
 
     def commit(self) -> None:
         self.generated += self._pending

@@ -14,11 +14,12 @@ unfinished rows. Logits are cast to fp32 before sampling.
 Seeded sampling (``params.seed`` or ``params.seeds``) gives every row (prompt ``i``, sample ``s``)
 its own ``torch.Generator`` seeded :func:`~minicd.rollout.engine.prompt_seeds` ``[i] + s`` (vLLM's
 convention: request seed ``seed + i * n``, sample ``s`` at ``+ s``), from which the row draws one
-uniform number per token it samples (the row's first ``max_new_tokens`` draws are taken at once,
-:func:`row_uniform_table`: the same numbers as one draw per token). A row's tokens then depend only on its seed, its prompt and
-the model, not on the other rows of the call, ``max_batch_size`` or when the cache is compacted,
-so seeded calls batch all their rows like unseeded ones (rank-sharded rollouts still equal one
-process's). Unseeded calls draw from one non-deterministically seeded generator.
+uniform number per token it samples (the row's first ``max_new_tokens`` draws are taken at
+once, :func:`row_uniform_table`: the same numbers as one draw per token). A row's tokens then
+depend only on its seed, its prompt and the model, not on the other rows of the call,
+``max_batch_size`` or when the cache is compacted, so seeded calls batch all their rows like
+unseeded ones (rank-sharded rollouts still equal one process's). Unseeded calls draw from one
+non-deterministically seeded generator.
 
 There is no weight copy: the engine calls the very module the trainer updates, so
 ``sync_policy`` only bumps the weight version (it exists so the stage loops can treat this engine
@@ -126,7 +127,8 @@ class TorchEngine:
     @property
     def device(self) -> torch.device:
         """Where prompts and the unseeded sampling generator live (default: the model's device
-        now); seeded rows draw their uniforms from CPU generators (see :func:`row_uniform_table`)."""
+        now); seeded rows draw their uniforms from CPU generators
+        (see :func:`row_uniform_table`)."""
         return self._device if self._device is not None else self.model.device
 
     @property
