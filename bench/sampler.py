@@ -7,7 +7,7 @@ The two engines run alternately in ONE process; the ratio of median throughputs 
 
     python bench/sampler.py [--model runs/smollm2] [--prompts 8] [--samples 8]
         [--new-tokens 64] [--prompt-tokens 256] [--repeats 2] [--threads N] [--no-vllm]
-        [--compile]
+        [--compile] [--unpacked]
 
 Prompt lengths are drawn uniformly from [0.75, 1.25] x --prompt-tokens (so rows are padded).
 Both engines sample SEEDED (seed 0), as GRPO / PHI rollouts do: the torch engine one generator
@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--unpacked", action="store_true",
+                    help="also time the torch engine with packed_decode=False (F.linear in the "
+                         "decode steps instead of oneDNN-packed weights)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the torch engine on torch.compile(model, dynamic=True) "
                          "(the warm-up rounds absorb the compilation)")
@@ -63,6 +66,10 @@ def main() -> None:
     seeded = SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=a.new_tokens, seed=0)
     params = {"torch": seeded, "vllm": seeded}
     engines = {"torch": TorchEngine(model, max_batch_size=a.prompts * a.samples)}
+    if a.unpacked:
+        engines["torch-unpacked"] = TorchEngine(model, max_batch_size=a.prompts * a.samples,
+                                                packed_decode=False)
+        params["torch-unpacked"] = params["torch"]
     if a.compile:
         engines["torch-compiled"] = TorchEngine(torch.compile(model, dynamic=True),
                                                 max_batch_size=a.prompts * a.samples)
@@ -93,6 +100,8 @@ def main() -> None:
               f"{counts[k]} tokens)")
     if "vllm" in rate:
         print(f"  torch / vLLM: {rate['torch'] / rate['vllm']:.2f}x")
+    if "torch-unpacked" in rate:
+        print(f"  packed / unpacked torch: {rate['torch'] / rate['torch-unpacked']:.2f}x")
     if "torch-compiled" in rate:
         print(f"  compiled / eager torch: {rate['torch-compiled'] / rate['torch']:.2f}x")
     if tmp is not None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from minicd.errors import CheckpointError, ConfigError
+from minicd.model.packed_linear import base_linear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -214,8 +215,10 @@ class LoRALinear(nn.Linear):
         b, a = self.lora_B.weight.float(), self.lora_A.weight.float()
         return (b @ a) * self.scaling
 
+    uses_base_linear = True  # its base product goes through minicd.model.packed_linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x, self.weight, self.bias)  # [..., out]
+        out = base_linear(self, x)  # [..., out] (oneDNN-packed inside packed_linears)
         if self.disabled or self.merged:
             return out
         xa = self.lora_dropout(x.to(self.lora_A.weight.dtype))
