@@ -145,7 +145,7 @@ SDEMO_SEED   ?= 0
 SDEMO_LIMIT  ?= 40
 SDEMO_COT_TOKENS ?= 128
 SDEMO_FEW_SHOT_TOKENS ?= 1024
-SDEMO_SFT    ?= data.train_limit=320 data.val_limit=0
+SDEMO_SFT    ?= data.train_limit=512 data.val_limit=0
 SDEMO_GRPO   ?= train.max_steps=6 train.eval_every=6 train.eval_at_start=true \
   train.micro_batch_size=8
 SDEMO_PHI    ?= data.train_limit=12 train.max_steps=3 train.micro_batch_size=8 data.val_limit=0
@@ -179,17 +179,17 @@ demo-smollm2-run:
 	    data.max_prompt_tokens=$$budget || exit 1; done
 	$(call stage,$(SDEMO),3/7 SFT (LoRA r 8 on SmolLM2))
 	$(PY) train.py --stage sft --config $(SCFG) $(SPATHS) train.output_dir=$(SDEMO)/sft $(SDEMO_SFT)
-	$(PY) rollout.py --config $(SCFG) --engine vllm --split test $(SLIMIT) --out $(SDEMO)/pred/sft.jsonl \
+	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/sft.jsonl \
 	  $(SPATHS) --adapter $(SDEMO)/sft/adapter
 	$(call stage,$(SDEMO),4/7 GRPO from the SFT policy (fresh LoRA; reference = SFT))
 	$(PY) train.py --stage grpo --config $(SCFG) $(SPATHS) model.path=$(SMERGED) \
 	  train.output_dir=$(SDEMO)/grpo $(SDEMO_GRPO)
-	$(PY) rollout.py --config $(SCFG) --engine vllm --split test $(SLIMIT) --out $(SDEMO)/pred/grpo.jsonl \
+	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/grpo.jsonl \
 	  $(SPATHS) model.path=$(SMERGED) --adapter $(SDEMO)/grpo/adapter
 	$(call stage,$(SDEMO),5/7 PHI from the SFT policy (missed-code hint rounds))
 	$(PY) train.py --stage phi --config $(SCFG) $(SPATHS) model.path=$(SMERGED) \
 	  train.output_dir=$(SDEMO)/phi $(SDEMO_PHI)
-	$(PY) rollout.py --config $(SCFG) --engine vllm --split test $(SLIMIT) --out $(SDEMO)/pred/phi.jsonl \
+	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/phi.jsonl \
 	  $(SPATHS) model.path=$(SMERGED) --adapter $(SDEMO)/phi/adapter
 	$(call stage,$(SDEMO),6/7 discriminative baselines from scratch ($(DEMO_CLF); threshold tuned on val))
 	for m in $(DEMO_CLF); do $(PY) train.py --stage classifier --config configs/demo_classifier.toml \
