@@ -56,6 +56,16 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA of ``q`` ``[B, heads, T, hd]`` over ``k``/``v`` ``[B, kv, S, hd]`` (GQA) ->
+    ``[B, heads, T, hd]``. ``mask``: boolean ``[B, 1, T, S]`` (True = attend) or None: causal,
+    except that one query (decoding) sees every key."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                          is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
@@ -84,10 +94,8 @@ class Attention(nn.Module):
         k = _apply_rope(k.transpose(1, 2), cos, sin)  # [B, nkv, T, hd]
         if kv_cache is not None:  # the cache owns a cached forward's attention
             out = kv_cache.attend(self.layer_idx, q, k, v, mask)  # [B, nh, T, hd]
-        else:  # no mask: causal
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 is_causal=mask is None and t > 1,
-                                                 enable_gqa=True)  # [B, nh, T, hd]
+        else:
+            out = attention(q, k, v, mask)  # [B, nh, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -187,9 +195,7 @@ class KVCache:
         ``mask``: boolean ``[B, 1, T, S]`` (True = attend) or None: causal, except that one
         query (decoding) sees every cached key."""
         k, v = self.update(layer_idx, k, v)  # [B, kv, S, hd]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                              is_causal=mask is None and q.shape[2] > 1,
-                                              enable_gqa=True)
+        return attention(q, k, v, mask)
 
     def commit(self) -> None:
         self.length += self._pending

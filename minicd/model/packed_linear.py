@@ -1,9 +1,10 @@
-"""oneDNN-packed linear weights for CPU decoding.
+"""oneDNN-packed linear weights for CPU generation.
 
 A decode step multiplies a few dozen rows by every weight matrix of the model; for such skinny
 products on the CPU, oneDNN with the weight reordered once into its blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, the kernels inductor's CPU
-backend uses) ran 1.4x faster than ``F.linear`` (MKL) on SmolLM2's MLP shapes, 64 rows, 2 threads.
+backend uses) ran 1.4x faster than ``F.linear`` (MKL) on SmolLM2's MLP shapes, 64 rows, 2 threads
+(1.3x on a 2,048-row prefill).
 
 :func:`packed_linears` attaches a packed copy of every large ``nn.Linear`` weight of a model for
 the duration of a ``with`` block (the weights must not change inside it, as during one rollout
@@ -76,8 +77,8 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     try:
         with torch.no_grad():
             for m in model.modules():
-                if not _packable(m) or (type(m) is not nn.Linear and
-                                        getattr(type(m), "uses_base_linear", False) is not True):
+                if not (_packable(m) and (type(m) is nn.Linear
+                                          or getattr(m, "uses_base_linear", False))):
                     continue
                 w = m.weight.detach()
                 m.__dict__[_ATTR] = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
