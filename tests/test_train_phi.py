@@ -117,6 +117,7 @@ class Scripted:
     def __init__(self, tok, answers, refresh, kill_at_call=None):
         self.tok, self.answers, self.refresh, self.version = tok, answers, refresh, 0
         self.train_prompts: list[list[int]] = []
+        self.train_answers: list[list[str]] = []  # per sampled prompt: its samples' texts
         self.refresh_prompts: list[list[int]] = []
         self.sampled_calls, self.kill_at_call = 0, kill_at_call
         self.closed = False
@@ -161,6 +162,8 @@ class Scripted:
                 ids = self.tok.encode(text) + [self.tok.im_end_id]
                 row.append(Generation(i, s, ids, text, "stop"))
             out.append(row)
+            if not greedy:
+                self.train_answers.append([g.text for g in row])
         return out
 
 
@@ -198,8 +201,8 @@ def scripted(assets, monkeypatch):
             seen["built"].append((self.round_index, rec.id, step, index, ids))
             return ids
 
-        def read(self):
-            return self.build.read()
+        def __getattr__(self, name):  # read, record_rollouts, read_rollouts
+            return getattr(self.build, name)
 
     def builder(pools, weights, cfg, round_index, *args):
         return Recorded(real_builder(pools, weights, cfg, round_index, *args), round_index)
@@ -240,6 +243,8 @@ def test_rounds_pools_hints_and_metrics(assets, scripted, tmp_path):
     # only records with non-empty pools are trained on; hints come from their pool
     built = scripted["built"]
     assert {x[0] for x in built} == {0, 1}
+    engine_answers = scripted["engines"][0].train_answers   # in the order the prompts were built
+    assert len(engine_answers) == len(built)
     total_hinted = 0
     for rnd, pools, after in ((0, pools0, pools1), (1, pools1, pools2)):
         calls = [x for x in built if x[0] == rnd]
@@ -268,6 +273,17 @@ def test_rounds_pools_hints_and_metrics(assets, scripted, tmp_path):
         assert rows[rnd]["hinted_recovery"] == (
             pytest.approx(len(shown & left) / len(shown)) if shown else None)
         assert rows[rnd]["unhinted_recovery"] == pytest.approx(len(others & left) / len(others))
+        # hint uptake in the samples by hand: every sample x pool code, shown or not
+        answered = {True: [], False: []}
+        for (_, rid, _, _, ids), texts in zip(calls, [a for x, a in zip(built, engine_answers)
+                                                      if x[0] == rnd]):
+            shown = set(_hinted_codes(tok.decode(ids)))
+            for text in texts:
+                for c in pools[rid]:
+                    answered[c in shown].append(c in _codes(text))
+        assert answered[True] and answered[False]
+        assert rows[rnd]["rollout_hinted_uptake"] == pytest.approx(np.mean(answered[True]))
+        assert rows[rnd]["rollout_unhinted_uptake"] == pytest.approx(np.mean(answered[False]))
         total_hinted += hinted
     assert 0 < total_hinted < 8  # both hinted and hint-free prompts occur
     # one engine served the whole stage (round-0 pools, both rounds, both refreshes), closed
@@ -368,6 +384,19 @@ def test_pool_transitions_by_hand():
     got = phi.pool_transitions(before, after, {})
     assert got["hinted_codes"] == 0 and got["hinted_recovery"] is None
     assert got["unhinted_recovery"] == pytest.approx(2 / 4)
+
+
+def test_hint_uptake_by_hand():
+    pools = {"a": ["1", "2"], "b": ["3"]}
+    draws = {(0, 0): ("a", ["1"]), (0, 1): ("b", []), (1, 0): ("a", [])}
+    sampled = {(0, 0): [["1", "2"], ["9"]],      # shown 1: 1 of 2 samples; not shown 2: 1 of 2
+               (0, 1): [["3"], ["3"]],           # not shown 3: 2 of 2
+               (1, 0): [["2"], []]}              # not shown 1: 0 of 2; not shown 2: 1 of 2
+    got = phi.hint_uptake(pools, draws, sampled)
+    assert got == {"rollout_hinted_uptake": 1 / 2, "rollout_unhinted_uptake": (1 + 2 + 1) / 8}
+    # a prompt without recorded samples counts nothing; no hints at all: None
+    got = phi.hint_uptake(pools, {(0, 1): ("b", []), (2, 0): ("a", ["2"])}, sampled)
+    assert got == {"rollout_hinted_uptake": None, "rollout_unhinted_uptake": 1.0}
 
 
 def test_missed_code_bonus_reads_the_round_pools(assets, scripted, tmp_path, monkeypatch):

@@ -164,6 +164,7 @@ class Rollout:
     rewards: list[float]
     parsed: list[ParsedCodes]
     gold: tuple[str, ...]
+    index: int  # the prompt's global index in its step (build_prompt's ``global_index``)
 
 
 def sample_groups(engine, records: Sequence[Record], shard: range, first: int, step: int,
@@ -179,7 +180,7 @@ def sample_groups(engine, records: Sequence[Record], shard: range, first: int, s
         rec, context = records[j], reward_context(records[j])
         scored = [reward_fn(x.text, rec.codes, context) for x in gens]
         out.append(Rollout(list(p), list(gens), [r for r, _ in scored], [c for _, c in scored],
-                           rec.codes))
+                           rec.codes, first + j))
     return out
 
 
@@ -483,12 +484,14 @@ def default_prompt_builder(tok, data_cfg) -> PromptBuilder:
 
 # (policy, engine) -> None: PHI's pool refresh with the final policy, before the engine closes
 EndHook = Callable[[Policy, object], None]
+# (step, this rank's drawn groups) -> None: PHI records the codes its hinted prompts got
+RolloutHook = Callable[[int, list[Rollout]], None]
 
 
 def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
              train_records: Sequence[Record] | None = None,
              reward_context: Callable[[Record], RewardContext] | None = None, engine=None,
-             on_end: EndHook | None = None) -> dict:
+             on_end: EndHook | None = None, on_rollouts: RolloutHook | None = None) -> dict:
     """Train with GRPO as configured; return the last step's metrics plus ``step``, ``stopped``
     and ``steps`` (the step numbers this call ran, in order; empty when a resume found the run
     finished).
@@ -504,6 +507,9 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
     default one is built here and closed when the run ends.
     ``on_end(policy, engine)``: called after the last step (engine awake and synced with the
     final policy), before the final export; PHI refreshes its pools there.
+    ``on_rollouts(step, groups)``: called on every rank after each step's sampling, with the
+    step index ``build_prompt`` got and this rank's drawn groups (:class:`Rollout`, each with
+    its global prompt index); PHI records which codes the samples of hinted prompts answered.
     Writes ``output_dir/metrics.jsonl`` (one line per step with: reward_mean, reward_std,
     batch_micro_f1, zero_var_frac, span_rate, loss, pg_loss, kl, entropy, clip_frac_low,
     clip_frac_high, dual_clip_frac, approx_kl_old, ratio_mean, response_len_mean,
@@ -540,7 +546,7 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
         rollout_engine = slot.get(cfg, policy.model, policy.tokenizer, policy.lora_cfg,
                                   device=info.device)
         return _grpo_loop(cfg, info, policy, rollout_engine, build_prompt, train_recs,
-                          val_recs, reward_context, on_end)
+                          val_recs, reward_context, on_end, on_rollouts)
     finally:
         if engine is None:
             slot.close()
@@ -549,7 +555,7 @@ def run_grpo(cfg: Config, *, build_prompt: PromptBuilder | None = None,
 def _grpo_loop(cfg: Config, info: dist.DistInfo, policy: Policy, engine,
                build_prompt: PromptBuilder | None, train_recs: list[Record],
                val_recs: list[Record], reward_context: Callable[[Record], RewardContext] | None,
-               on_end: EndHook | None) -> dict:
+               on_end: EndHook | None, on_rollouts: RolloutHook | None) -> dict:
     """The step loop of :func:`run_grpo` with its policy, engine and data ready."""
     t, g, ro = cfg.train, cfg.grpo, cfg.rollout
     reward_fn = make_reward(g.reward)
@@ -627,6 +633,8 @@ def _grpo_loop(cfg: Config, info: dist.DistInfo, policy: Policy, engine,
                     break
             engine.sleep()  # vLLM: free its memory for the training passes (rollout.sleep)
             time_gen = time.perf_counter() - t0
+            if on_rollouts is not None:
+                on_rollouts(step, drawn)
             prompts_drawn, prompts_kept = (d + 1) * B, len(kept)
             pad_rows = 0
             if g.filter_groups:  # this rank's share of the kept groups, padded to equal shares

@@ -17,8 +17,10 @@ PHI is GRPO run in rounds over a shrinking set of training examples, with traini
       writes them, so no rank waits while another decodes the split.
    c. One line of round metrics goes to ``output_dir/phi_rounds.jsonl`` (train recall/F1, pool
       sizes, and :func:`pool_transitions`: codes recovered from and newly added to the pools,
-      recovery of hinted vs never-hinted pool codes), computed from the hint draws the prompt
-      builder recorded (:class:`HintedPrompts`); pools, weights and the next round index to
+      recovery of hinted vs never-hinted pool codes; :func:`hint_uptake`: how often the round's
+      samples answered the pool codes their prompt showed vs those it did not), computed from
+      the hint draws and sampled codes the prompt builder recorded (:class:`HintedPrompts`);
+      pools, weights and the next round index to
       ``output_dir/phi_state.json`` (ids and codes only, no note text).
 2. The last round's adapter is copied to ``output_dir/adapter``.
 
@@ -34,7 +36,8 @@ SFT adapter itself is trained on through all rounds and the reference is the bar
 
 Files under ``output_dir``: ``init_train_predictions.jsonl`` (round-0 pools), ``round-<t>/``
 (that round's GRPO run: metrics, checkpoints, adapter, ``hint_draws-rank<r>.jsonl``, the
-draws each rank made, and ``train_predictions.jsonl``, the refresh after it), ``phi_state.json``, ``phi_rounds.jsonl``, ``adapter/``. Resume
+draws each rank made, ``rollout_codes-rank<r>.jsonl``, the codes its samples answered, and
+``train_predictions.jsonl``, the refresh after it), ``phi_state.json``, ``phi_rounds.jsonl``, ``adapter/``. Resume
 (``train.resume``) restarts at the round in ``phi_state.json``; GRPO's checkpoints in its round
 directory restore the step within the round, and the refresh inference skips finished records.
 Inference and evaluation never see hints.
@@ -69,7 +72,7 @@ from minicd.prompts import prompt_ids
 from minicd.rollout.engine import SamplingParams
 from minicd.rollout.inference import StageEngine, rollout_records
 from minicd.train.common import Policy, build_policy, load_split, merged_start
-from minicd.train.grpo import run_grpo
+from minicd.train.grpo import Rollout, run_grpo
 
 STATE_FILE, ROUNDS_FILE = "phi_state.json", "phi_rounds.jsonl"
 Describe = Callable[[str, str], "str | None"]
@@ -141,12 +144,35 @@ def pool_transitions(before: dict[str, Sequence[str]], after: dict[str, Sequence
             tally[c in shown][0] += c not in new
             tally[c in shown][1] += 1
 
-    def rate(got: int, n: int) -> float | None:
-        return got / n if n else None
-
     return {"pool_recovered": tally[True][0] + tally[False][0], "newly_missed": newly_missed,
-            "hinted_codes": tally[True][1], "hinted_recovery": rate(*tally[True]),
-            "unhinted_recovery": rate(*tally[False])}
+            "hinted_codes": tally[True][1], "hinted_recovery": _rate(*tally[True]),
+            "unhinted_recovery": _rate(*tally[False])}
+
+
+def hint_uptake(pools: dict[str, Sequence[str]],
+                draws: dict[tuple[int, int], tuple[str, list[str]]],
+                sampled: dict[tuple[int, int], list[list[str]]]) -> dict:
+    """Whether the round's policy followed its hints, read off the GRPO samples themselves (no
+    extra inference): over every sample of every prompt (``draws`` and ``sampled`` keyed by
+    (step, global index)) and every code of its record's pool, the share answered when the
+    prompt showed that code as a hint (``rollout_hinted_uptake``) and when it did not
+    (``rollout_unhinted_uptake``; None when there are none). PHI needs the first well above the
+    second: a policy that does not copy hinted codes into its answers gets no reward signal
+    from them."""
+    tally = {True: [0, 0], False: [0, 0]}   # shown as a hint? -> [answered, sample x code]
+    for key, (rid, hints) in draws.items():
+        shown = set(hints)
+        for codes in sampled.get(key, []):
+            answered = set(codes)
+            for c in pools[rid]:
+                tally[c in shown][0] += c in answered
+                tally[c in shown][1] += 1
+    return {"rollout_hinted_uptake": _rate(*tally[True]),
+            "rollout_unhinted_uptake": _rate(*tally[False])}
+
+
+def _rate(got: int, n: int) -> float | None:
+    return got / n if n else None
 
 
 def refresh_predictions(engine, cfg: Config, tok: Tokenizer, records: Sequence[Record],
@@ -203,7 +229,9 @@ class HintedPrompts:
     Draws are appended (ids and codes only, no note text) to ``log_dir/hint_draws-rank<r>.jsonl``
     so a resumed round still knows the draws of the steps run before it; :meth:`read` returns
     the draws of every rank, one per (step, global index) (``output_dir`` is shared by the
-    ranks, as checkpoints and resume already assume)."""
+    ranks, as checkpoints and resume already assume). GRPO's ``on_rollouts`` hook
+    (:meth:`record_rollouts`) appends the codes each sample answered the same way, to
+    ``rollout_codes-rank<r>.jsonl``; :meth:`read_rollouts` returns them."""
 
     def __init__(self, pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
                  round_index: int, tok: Tokenizer, describe: Describe, log_dir: Path) -> None:
@@ -220,15 +248,30 @@ class HintedPrompts:
                     + "\n")
         return prompt_ids(rec, self.tok, self.cfg.data, hints, self.describe)
 
+    def record_rollouts(self, step: int, groups: Sequence[Rollout]) -> None:
+        """Append the parsed codes of every sample of this rank's ``groups`` of ``step``."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"rollout_codes-rank{dist.get_rank()}.jsonl", "a",
+                  encoding="utf-8") as f:
+            f.writelines(json.dumps({"step": step, "index": g.index,
+                                     "codes": [list(p.codes) for p in g.parsed]}) + "\n"
+                         for g in groups)
+
     def read(self) -> dict[tuple[int, int], tuple[str, list[str]]]:
         """(step, global index) -> (record id, hints) over every rank's file (a step redone
         after a resume redraws the same hints)."""
-        draws = {}
-        for path in sorted(self.log_dir.glob("hint_draws-rank*.jsonl")):
+        return {key: (row["id"], row["hints"]) for key, row in self._rows("hint_draws")}
+
+    def read_rollouts(self) -> dict[tuple[int, int], list[list[str]]]:
+        """(step, global index) -> the codes each of the prompt's samples answered, over every
+        rank's file (a step redone after a resume keeps its last samples)."""
+        return {key: row["codes"] for key, row in self._rows("rollout_codes")}
+
+    def _rows(self, name: str):
+        for path in sorted(self.log_dir.glob(f"{name}-rank*.jsonl")):
             for line in path.read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
-                draws[(row["step"], row["index"])] = (row["id"], row["hints"])
-        return draws
+                yield (row["step"], row["index"]), row
 
 
 def prompt_builder(pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
@@ -239,10 +282,12 @@ def prompt_builder(pools: dict[str, list[str]], weights: dict[str, float], cfg: 
 
 
 def round_row(r: int, state: dict, fresh: dict, used: Sequence[Record],
-              draws: dict[tuple[int, int], tuple[str, list[str]]], result: dict,
+              draws: dict[tuple[int, int], tuple[str, list[str]]],
+              sampled: dict[tuple[int, int], list[list[str]]], result: dict,
               wall_time_s: float) -> dict:
-    """The ``phi_rounds.jsonl`` line of round ``r`` from the draws the prompt builder recorded
-    and the pools before (``state``) and after (``fresh``) the round's refresh."""
+    """The ``phi_rounds.jsonl`` line of round ``r`` from the draws and sampled codes the prompt
+    builder recorded and the pools before (``state``) and after (``fresh``) the round's
+    refresh."""
     drawn = [draws[k] for k in sorted(draws)]
     hinted: dict[str, set[str]] = {}
     for rid, h in drawn:
@@ -254,6 +299,7 @@ def round_row(r: int, state: dict, fresh: dict, used: Sequence[Record],
             "hint_rate": sum(bool(h) for _, h in drawn) / max(len(drawn), 1),
             "mean_hints": float(np.mean([len(h) for _, h in drawn if h] or [0])),
             **pool_transitions(state["pools"], fresh["pools"], hinted),
+            **hint_uptake(state["pools"], draws, sampled),
             "reward_mean_last_step": result.get("reward_mean"),
             "start_train_micro_recall": state["eval"]["train_micro_recall"],
             "train_micro_recall": after["train_micro_recall"],
@@ -333,7 +379,8 @@ def _phi_rounds(cfg: Config, info: dist.DistInfo, engines: StageEngine) -> dict:
         path = round_dir / "train_predictions.jsonl"
         c = round_config(cfg, out, r, base, start_adapter)
         if not c.train.resume and info.is_main:  # a fresh round: no draws of an earlier try
-            for stale in round_dir.glob("hint_draws-rank*.jsonl"):
+            for stale in [*round_dir.glob("hint_draws-rank*.jsonl"),
+                          *round_dir.glob("rollout_codes-rank*.jsonl")]:
                 stale.unlink()
         dist.barrier()
         builder = prompt_builder(pools, weights, cfg, r, tok, describe, round_dir)
@@ -342,7 +389,7 @@ def _phi_rounds(cfg: Config, info: dist.DistInfo, engines: StageEngine) -> dict:
             refresh_predictions(engine, cfg, tok, train, path, keep=resume)
 
         result = run_grpo(c, train_records=used, build_prompt=builder, engine=engines,
-                          on_end=refresh,
+                          on_end=refresh, on_rollouts=builder.record_rollouts,
                           reward_context=lambda rec, p=pools: RewardContext(freq,
                                                                             frozenset(p[rec.id])))
         if result["stopped"]:  # SIGTERM: the round's checkpoint is saved; resume continues it
@@ -354,14 +401,17 @@ def _phi_rounds(cfg: Config, info: dist.DistInfo, engines: StageEngine) -> dict:
         draws = builder.read()
         assert {step + 1 for step, _ in draws} >= set(result["steps"]), (
             sorted(draws), result["steps"])
-        row = round_row(r, state, fresh, used, draws, result, time.perf_counter() - t0)
+        row = round_row(r, state, fresh, used, draws, builder.read_rollouts(), result,
+                        time.perf_counter() - t0)
         state = {"round": r + 1, "history": state["history"] + [row], **fresh}
         save_state(out, state)
         say(f"minicd phi: round {r + 1} hint-free train micro recall "
             f"{row['train_micro_recall']:.4f}, micro F1 {row['train_micro_f1']:.4f}; "
             f"{row['next_nonempty_pools']} records still miss codes; pool codes recovered: "
             f"{_pct(row['hinted_recovery'])} of the hinted, {_pct(row['unhinted_recovery'])} of "
-            f"the others ({row['newly_missed']} newly missed)")
+            f"the others ({row['newly_missed']} newly missed); samples answered "
+            f"{_pct(row['rollout_hinted_uptake'])} of the hinted pool codes, "
+            f"{_pct(row['rollout_unhinted_uptake'])} of the others")
 
     export_final(out, phi.rounds, info)
     return {**(state["history"][-1] if state["history"] else {}), "stopped": False}
