@@ -145,7 +145,7 @@ SDEMO_SEED   ?= 0
 SDEMO_LIMIT  ?= 40
 SDEMO_COT_TOKENS ?= 128
 SDEMO_FEW_SHOT_TOKENS ?= 1024
-SDEMO_SFT    ?= data.train_limit=512 data.val_limit=0
+SDEMO_SFT    ?= data.train_limit=320 data.val_limit=0
 SDEMO_GRPO   ?= train.max_steps=6 train.eval_every=6 train.eval_at_start=true \
   train.micro_batch_size=8
 SDEMO_PHI    ?= data.train_limit=12 train.max_steps=3 train.micro_batch_size=8 data.val_limit=0
