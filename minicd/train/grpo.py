@@ -484,7 +484,7 @@ def default_prompt_builder(tok, data_cfg) -> PromptBuilder:
 
 # (policy, engine) -> None: PHI's pool refresh with the final policy, before the engine closes
 EndHook = Callable[[Policy, object], None]
-# (step, this rank's drawn groups) -> None: PHI records the codes its hinted prompts got
+# (step, this rank's drawn groups) -> None: PHI records the codes every sample answered
 RolloutHook = Callable[[int, list[Rollout]], None]
 
 
