@@ -233,6 +233,8 @@ class HintedPrompts:
     (:meth:`record_rollouts`) appends the codes each sample answered the same way, to
     ``rollout_codes-rank<r>.jsonl``; :meth:`read_rollouts` returns them."""
 
+    LOGS = ("hint_draws", "rollout_codes")  # per-rank files <name>-rank<r>.jsonl in log_dir
+
     def __init__(self, pools: dict[str, list[str]], weights: dict[str, float], cfg: Config,
                  round_index: int, tok: Tokenizer, describe: Describe, log_dir: Path) -> None:
         self.pools, self.weights, self.cfg, self.round = pools, weights, cfg, round_index
@@ -241,21 +243,28 @@ class HintedPrompts:
     def __call__(self, rec: Record, step: int, index: int) -> list[int]:
         hints = draw_hints(self.pools[rec.id], self.weights, self.cfg.phi, self.cfg.train.seed,
                            self.round, step, index)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"hint_draws-rank{dist.get_rank()}.jsonl", "a",
-                  encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "index": index, "id": rec.id, "hints": hints})
-                    + "\n")
+        self._append("hint_draws", [{"step": step, "index": index, "id": rec.id,
+                                     "hints": hints}])
         return prompt_ids(rec, self.tok, self.cfg.data, hints, self.describe)
 
     def record_rollouts(self, step: int, groups: Sequence[Rollout]) -> None:
         """Append the parsed codes of every sample of this rank's ``groups`` of ``step``."""
+        self._append("rollout_codes", [{"step": step, "index": g.index,
+                                        "codes": [list(p.codes) for p in g.parsed]}
+                                       for g in groups])
+
+    @classmethod
+    def clear(cls, log_dir: Path) -> None:
+        """Remove every rank's files of an earlier try of the round."""
+        for name in cls.LOGS:
+            for stale in log_dir.glob(f"{name}-rank*.jsonl"):
+                stale.unlink()
+
+    def _append(self, name: str, rows: list[dict]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"rollout_codes-rank{dist.get_rank()}.jsonl", "a",
+        with open(self.log_dir / f"{name}-rank{dist.get_rank()}.jsonl", "a",
                   encoding="utf-8") as f:
-            f.writelines(json.dumps({"step": step, "index": g.index,
-                                     "codes": [list(p.codes) for p in g.parsed]}) + "\n"
-                         for g in groups)
+            f.writelines(json.dumps(row) + "\n" for row in rows)
 
     def read(self) -> dict[tuple[int, int], tuple[str, list[str]]]:
         """(step, global index) -> (record id, hints) over every rank's file (a step redone
@@ -379,9 +388,7 @@ def _phi_rounds(cfg: Config, info: dist.DistInfo, engines: StageEngine) -> dict:
         path = round_dir / "train_predictions.jsonl"
         c = round_config(cfg, out, r, base, start_adapter)
         if not c.train.resume and info.is_main:  # a fresh round: no draws of an earlier try
-            for stale in [*round_dir.glob("hint_draws-rank*.jsonl"),
-                          *round_dir.glob("rollout_codes-rank*.jsonl")]:
-                stale.unlink()
+            HintedPrompts.clear(round_dir)
         dist.barrier()
         builder = prompt_builder(pools, weights, cfg, r, tok, describe, round_dir)
 
