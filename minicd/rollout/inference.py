@@ -212,6 +212,32 @@ def score_predictions(out: Path, records: Sequence[Record]) -> dict:
     return {k: float(m[k]) for k in ("micro_precision", "micro_recall", "micro_f1", "macro_f1")}
 
 
+def open_policy(cfg: Config, adapter: str | None = None):
+    """``(tokenizer, engine)`` for inference with ``model.path`` plus ``adapter`` (default
+    ``lora.init_adapter``; "" or None with no default: the bare model), in eval mode on
+    ``train.device`` (the process group is set up under torchrun), its engine named by
+    ``rollout.engine`` (:func:`build_engine`) already holding the adapter. Close the engine when
+    done."""
+    from minicd.model.hub import load_model, load_tokenizer
+    from minicd.model.lora import load_adapter
+
+    info = dist.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
+    dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+    tok = load_tokenizer(cfg.model.path, template=cfg.model.template)
+    model = load_model(cfg.model.path, dtype=dtype, device=info.device)
+    adapter = adapter if adapter is not None else cfg.lora.init_adapter
+    lora_cfg = load_adapter(model, adapter) if adapter else None
+    model.to(info.device).eval()
+    engine = build_engine(cfg, model, tok, lora_cfg, device=info.device)
+    if lora_cfg is not None:
+        try:
+            engine.sync_policy(model)  # vLLM: push the adapter; torch: reads the live module
+        except BaseException:
+            engine.close()
+            raise
+    return tok, engine
+
+
 def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None = None,
                 temperature: float = 0.0, n: int = 1, limit: int | None = None,
                 chunk_size: int = 64, show_progress: bool = True,
@@ -231,9 +257,6 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
     Returns ``{"written", "skipped", "n_records", "micro_f1", ...}``: corpus metrics of sample 0
     of every record. The engine is closed before returning.
     """
-    from minicd.model.hub import load_model, load_tokenizer
-    from minicd.model.lora import load_adapter
-
     out = Path(out)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit}: must be >= 1 (or left out for the whole split)")
@@ -249,21 +272,12 @@ def run_rollout(cfg: Config, split: str, out: str | Path, *, adapter: str | None
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder; give a predictions .jsonl file path")
     check_writable(out.parent, "predictions folder")
-    info = dist.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
-    dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
-    tok = load_tokenizer(cfg.model.path, template=cfg.model.template)
-    model = load_model(cfg.model.path, dtype=dtype, device=info.device)
-    adapter = adapter if adapter is not None else cfg.lora.init_adapter
-    lora_cfg = load_adapter(model, adapter) if adapter else None
-    model.to(info.device).eval()
-    if prompt_kind is None:
-        encode = lambda recs: [prompt_ids(r, tok, cfg.data) for r in recs]  # noqa: E731
-    else:
-        encode = BaselinePrompter.from_config(prompt_kind, cfg.data, tok, train).prompt_ids
-    engine = build_engine(cfg, model, tok, lora_cfg, device=info.device)
+    tok, engine = open_policy(cfg, adapter)
     try:
-        if lora_cfg is not None:
-            engine.sync_policy(model)  # vLLM: push the adapter; torch: reads the live module
+        if prompt_kind is None:
+            encode = lambda recs: [prompt_ids(r, tok, cfg.data) for r in recs]  # noqa: E731
+        else:
+            encode = BaselinePrompter.from_config(prompt_kind, cfg.data, tok, train).prompt_ids
         params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
                                 stop_ids=tok.stop_ids,
