@@ -146,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     except MinicdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    line = json.dumps(result)
-    if args.out is not None:
-        with atomic_file(args.out) as f:
-            f.write(line + "\n")
-    print(line)
+    from minicd import dist
+
+    if dist.get_rank() == 0:  # under torchrun every rank holds the same counts
+        line = json.dumps(result)
+        if args.out is not None:
+            with atomic_file(args.out) as f:
+                f.write(line + "\n")
+        print(line)
     return 0
 
 
