@@ -25,9 +25,8 @@ import argparse
 import json
 import re
 import sys
-from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from minicd.config import Config
 from minicd.data.records import Record
@@ -36,12 +35,12 @@ from minicd.fileio import atomic_file, check_writable
 from minicd.parse import parse_codes
 
 
-def rarest_gold(records: Sequence[Record], k: int, freq: Counter) -> list[list[str]]:
-    """Per record, its ``k`` gold codes with the lowest ``freq`` (ties: code order), rarest
-    first; a record with fewer gold codes gets all of them."""
+def rarest_gold(records: Sequence[Record], k: int, freq: Mapping[str, int]) -> list[list[str]]:
+    """Per record, its ``k`` gold codes with the lowest ``freq`` (absent: 0; ties: code order),
+    rarest first; a record with fewer gold codes gets all of them."""
     if k < 1:
         raise ConfigError(f"--hints {k}: must be >= 1 (codes shown per note)")
-    return [sorted(set(r.codes), key=lambda c: (freq[c], c))[:k] for r in records]
+    return [sorted(set(r.codes), key=lambda c: (freq.get(c, 0), c))[:k] for r in records]
 
 
 def code_mentioned(code: str, text: str) -> bool:
@@ -81,6 +80,7 @@ def probe_hints(cfg: Config, split: str = "train", *, adapter: str | None = None
     first ``limit`` records of ``split``, plain and with :func:`rarest_gold` hints, at most
     ``rollout.max_new_tokens`` tokens each, by ``rollout.engine``; returns
     :func:`hint_copy_counts` plus the probe's settings."""
+    from minicd.algo.reward import code_frequencies
     from minicd.prompts import prompt_ids
     from minicd.rollout.engine import SamplingParams
     from minicd.rollout.inference import load_split, open_policy, sharded_generate
@@ -89,7 +89,7 @@ def probe_hints(cfg: Config, split: str = "train", *, adapter: str | None = None
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit}: must be >= 1 (or left out for the whole split)")
     records = load_split(cfg, split, limit)  # inputs checked before the model loads
-    freq = Counter(c for r in load_split(cfg, "train") for c in r.codes)
+    freq = code_frequencies(r.codes for r in load_split(cfg, "train"))
     hints = rarest_gold(records, hints_per_note, freq)
     describe = make_describe(cfg.phi)
     tok, engine = open_policy(cfg, adapter)
@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         from minicd.config import load_config
 
         cfg = load_config(args.config, list(args.overrides))
-        if args.hints < 1:
-            raise ConfigError(f"--hints {args.hints}: must be >= 1 (codes shown per note)")
         if args.out is not None:
             if args.out.is_dir():
                 raise OutputError(f"--out {args.out} is a folder; give a .json file path")
