@@ -256,13 +256,12 @@ def hint_block(
     ``describe(code, code_system) -> str | None`` defaults to ``minicd.codes.describe``;
     descriptions are cut with ``codes.truncate_description(text, 100)``; a code with no (or an
     empty) description is listed bare. ``mini_example``: "paper" (the ICD-9 example printed in
-    the paper, for both systems) or "system" (ICD-10 runs get an ICD-10 analogue written here, not from the paper).
+    the paper, for both systems) or "system" (ICD-10 runs get an ICD-10 analogue written here,
+    not from the paper): :func:`mini_example_block`.
     """
     from minicd import codes as codes_mod
 
-    _check_system(code_system)
-    if mini_example not in ("paper", "system"):
-        raise ConfigError(f"unknown hint mini_example {mini_example!r}; use 'paper' or 'system'")
+    example = mini_example_block(code_system, mini_example)
     if not codes:
         raise ConfigError("hint_block needs at least one hinted code (an empty pool means: no hint)")
     describe = describe or codes_mod.describe
@@ -272,9 +271,20 @@ def hint_block(
         if desc:
             desc = codes_mod.truncate_description(desc.strip(), HINT_DESCRIPTION_LIMIT)
         lines.append(f"- {code} ({desc})" if desc else f"- {code}")
-    use_icd10 = mini_example == "system" and code_system == "icd10"
-    lines.append(HINT_MINI_EXAMPLE_ICD10 if use_icd10 else HINT_MINI_EXAMPLE)
+    lines.append(example)
     return "\n".join(lines)
+
+
+def mini_example_block(code_system: str, mini_example: str = "paper") -> str:
+    """The "Mini example:" lines that end the hint block: the paper's ICD-9 example, or with
+    ``mini_example="system"`` an ICD-10 analogue for ICD-10 runs (``phi.mini_example``). Its
+    ``<code>`` span is the answer a policy that copies the example would give."""
+    _check_system(code_system)
+    if mini_example not in ("paper", "system"):
+        raise ConfigError(f"phi.mini_example = {mini_example!r}: use 'paper' (the paper's ICD-9 "
+                          "example for every system) or 'system' (an ICD-10 analogue for ICD-10)")
+    use_icd10 = mini_example == "system" and code_system == "icd10"
+    return HINT_MINI_EXAMPLE_ICD10 if use_icd10 else HINT_MINI_EXAMPLE
 
 
 # --- the fixed coding instruction (SFT / GRPO / PHI / evaluation) ---------------------------
@@ -334,20 +344,23 @@ def coding_prompt(
 
 # ------------------------------------------------------------------ record -> prompt ids
 def user_prompt(rec: "Record", tok: "Tokenizer", data_cfg: object,
-                hints: Sequence[str] | None = None, describe: Describe | None = None) -> str:
+                hints: Sequence[str] | None = None, describe: Describe | None = None,
+                *, mini_example: str = "paper") -> str:
     """The coding user turn for ``rec`` (:func:`coding_prompt`, with the Appendix E hint block
     when ``hints`` are given), its note middle-out truncated so the whole user text fits
     ``data.max_prompt_tokens``; chat markup adds a few tokens on top. ``describe(code, system)``
-    renders hint descriptions (PHI)."""
+    renders hint descriptions and ``mini_example`` picks the hint's example (PHI)."""
     setting = PromptSetting.from_config(data_cfg)
     return fit_prompt(lambda note: coding_prompt(note, rec.code_system, hints or None,
-                                                 setting=setting, describe=describe),
+                                                 setting=setting, describe=describe,
+                                                 mini_example=mini_example),
                       rec.note, data_cfg.max_prompt_tokens, tok)
 
 
 def prompt_ids(rec: "Record", tok: "Tokenizer", data_cfg: object,
-               hints: Sequence[str] | None = None, describe: Describe | None = None) -> list[int]:
+               hints: Sequence[str] | None = None, describe: Describe | None = None,
+               *, mini_example: str = "paper") -> list[int]:
     """Generation-prompt ids for ``rec``: the one prompt of validation, rollouts, inference and
     PHI's hinted rollouts (no hints: the hint-free prompt)."""
-    return encode_prompt(tok, [{"role": "user",
-                                "content": user_prompt(rec, tok, data_cfg, hints, describe)}])
+    content = user_prompt(rec, tok, data_cfg, hints, describe, mini_example=mini_example)
+    return encode_prompt(tok, [{"role": "user", "content": content}])

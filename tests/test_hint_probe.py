@@ -60,7 +60,9 @@ def test_hint_copy_counts_by_hand():
     # hinted: note 0 answers both, note 1 answers 276.2; 276.2 in note 0's prose is not its hint
     assert got == {"notes": 2, "hinted_codes": 3,
                    "answered_plain": 1, "mentioned_plain": 2, "distinct_answers_plain": 2,
+                   "no_span_plain": 1,
                    "answered_hinted": 3, "mentioned_hinted": 3, "distinct_answers_hinted": 2,
+                   "no_span_hinted": 0,
                    "answered_plain_rate": 1 / 3, "answered_hinted_rate": 1.0,
                    "mentioned_plain_rate": 2 / 3, "mentioned_hinted_rate": 1.0}
     # one answer for every note: 1 distinct set
@@ -68,6 +70,24 @@ def test_hint_copy_counts_by_hand():
                             ["<code>401.9</code>"] * 2)["distinct_answers_hinted"] == 1
     with pytest.raises(ValueError, match="differ in length"):
         hint_copy_counts(hints, plain, hinted[:1])
+
+
+def test_no_span_and_mini_example_answers_by_hand():
+    """The two ways a hint block breaks a policy: a response looping to the token limit (no
+    closed span) and a response answering the mini example instead of the note."""
+    example = ["276.2", "401.9", "584.9"]
+    hints = [["428.0"], ["486"], ["38.93"], ["276.2"]]
+    plain = ["<code>401.9, 584.9, 276.2</code>", "<code>486</code>",
+             "<code>401.9</code>", "<code></code>"]                    # an empty span is a span
+    hinted = ["<code>276.2, 401.9, 584.9</code>",                       # the example, verbatim
+              "<code>401.9, 428.0, 428.0, 428.0, 428.0",                # loops to the limit
+              "<code>38.93, 401.9, 584.9</code>",                       # hint + example's others
+              "<code>584.9, 401.9, 276.2</code>"]                       # hinted 276.2: still the set
+    got = hint_copy_counts(hints, plain, hinted, example=example)
+    assert (got["no_span_plain"], got["no_span_hinted"]) == (0, 1)
+    assert (got["example_answers_plain"], got["example_answers_hinted"]) == (1, 2)
+    assert (got["answered_plain"], got["answered_hinted"]) == (1, 2)   # 486; 38.93 and 276.2
+    assert "example_answers_plain" not in hint_copy_counts(hints, plain, hinted)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +162,12 @@ def test_probe_shows_the_rarest_gold_codes_and_counts_them(assets, monkeypatch):
     assert (got["answered_plain"], got["mentioned_plain"]) == (plain_hits, plain_hits)
     assert got["distinct_answers_plain"] == 1
     assert got["distinct_answers_hinted"] == len({frozenset(h) for h in expected_hints})
+    assert (got["no_span_plain"], got["no_span_hinted"]) == (0, 0)
+    example = {"276.2", "401.9", "584.9"}                        # the paper's ICD-9 example
+    assert got["example_answers_plain"] == 0
+    assert got["example_answers_hinted"] == sum(set(h) == example for h in expected_hints)
     assert got["split"] == "val" and got["hints_per_note"] == 2
+    assert got["mini_example"] == "paper"
     assert engine.closed
 
 

@@ -425,3 +425,22 @@ def test_missed_code_bonus_reads_the_round_pools(assets, scripted, tmp_path, mon
     assert sum(bonuses) > 0 and 0 in bonuses
     row = [r for r in read_metrics(out / "round-0" / "metrics.jsonl") if "reward_mean" in r][0]
     assert row["reward_mean"] == pytest.approx((sum(f1s) + sum(bonuses)) / 8, abs=1e-12)
+
+
+@pytest.mark.parametrize("mini_example, answer", [("paper", "<code>276.2, 401.9, 584.9</code>"),
+                                                  ("system", "<code>E87.2, I10, N17.9</code>")])
+def test_hinted_prompts_use_the_configured_mini_example(assets, tmp_path, mini_example, answer):
+    """phi.mini_example reaches PHI's hinted prompts: an ICD-10 record hinted with
+    phi.mini_example = "system" ends its hint with the ICD-10 example, else the paper's."""
+    from dataclasses import replace
+
+    cfg = load_config(assets["config"], ["data.code_system=icd10", "phi.p_inject=1.0",
+                                         f"phi.mini_example={mini_example!r}"])
+    rec = replace(assets["train"][0], code_system="icd10",
+                  codes=("I50.9", "E11.9"))
+    builder = phi.prompt_builder({rec.id: ["I50.9"]}, {"I50.9": 1.0}, cfg, 0, assets["tok"],
+                                 lambda c, s: None, tmp_path)
+    text = assets["tok"].decode(builder(rec, 0, 0))
+    assert "Hinted codes:\n- I50.9\nMini example:" in text
+    assert answer in text and text.count("Mini example:") == 1
+

@@ -11,8 +11,11 @@ samples earn more reward than their group. This probe measures that directly, wi
    with PHI's descriptions, ``minicd.train.phi.make_describe``).
 3. :func:`hint_copy_counts`: how many hinted codes each set of responses answers in its
    ``<code>`` span, how many it mentions anywhere in its text (a model that restates the hint
-   in prose reads it, even if it does not answer in the span), and how many distinct code sets
-   each set of responses holds (1 for every note: the policy ignores its input).
+   in prose reads it, even if it does not answer in the span), how many distinct code sets
+   each set of responses holds (1 for every note: the policy ignores its input), and the two
+   ways a hint block can break a policy: responses with no complete ``<code>`` span (a
+   response that loops to the token limit; reward 0) and responses that answer exactly the
+   hint's mini example (``<code>276.2, 401.9, 584.9</code>``) instead of the note.
 
 ``python -m minicd.train.hint_probe --config FILE [--adapter DIR] [--split train] [--limit 16]
 [--hints 2] [--out FILE.json] [section.key=value ...]`` prints the counts as one JSON line (and
@@ -51,23 +54,30 @@ def code_mentioned(code: str, text: str) -> bool:
 
 
 def hint_copy_counts(hints: Sequence[Sequence[str]], plain: Sequence[str],
-                     hinted: Sequence[str]) -> dict:
+                     hinted: Sequence[str], *, example: Sequence[str] | None = None) -> dict:
     """Counts over records i of ``hints[i]`` (the codes shown), ``plain[i]`` (the response to
     the hint-free prompt) and ``hinted[i]`` (to the hinted one).
 
     ``answered_*``: hinted codes in the response's parsed ``<code>`` span; ``mentioned_*``:
     hinted codes anywhere in the response text (:func:`code_mentioned`); ``distinct_answers_*``:
-    distinct parsed code sets over the records; ``*_rate``: a count over ``hinted_codes``."""
+    distinct parsed code sets over the records; ``no_span_*``: responses without a complete
+    ``<code>`` span; ``example_answers_*`` (only when ``example``, the codes of the hint's mini
+    example answer, is given): responses whose parsed set is exactly ``example``; ``*_rate``:
+    a count over ``hinted_codes``."""
     if not len(hints) == len(plain) == len(hinted):
         raise ValueError(f"hints, plain and hinted responses differ in length: {len(hints)}, "
                          f"{len(plain)}, {len(hinted)}")
     out: dict = {"notes": len(hints), "hinted_codes": sum(len(h) for h in hints)}
     for name, texts in (("plain", plain), ("hinted", hinted)):
-        spans = [set(parse_codes(t).codes) for t in texts]
+        parsed = [parse_codes(t) for t in texts]
+        spans = [set(p.codes) for p in parsed]
         out[f"answered_{name}"] = sum(c in s for h, s in zip(hints, spans) for c in h)
         out[f"mentioned_{name}"] = sum(code_mentioned(c, t) for h, t in zip(hints, texts)
                                        for c in h)
         out[f"distinct_answers_{name}"] = len({frozenset(s) for s in spans})
+        out[f"no_span_{name}"] = sum(not p.has_span for p in parsed)
+        if example is not None:
+            out[f"example_answers_{name}"] = sum(s == set(example) for s in spans)
     n = out["hinted_codes"]
     for key in ("answered_plain", "answered_hinted", "mentioned_plain", "mentioned_hinted"):
         out[f"{key}_rate"] = out[key] / n if n else None
@@ -81,7 +91,7 @@ def probe_hints(cfg: Config, split: str = "train", *, adapter: str | None = None
     ``rollout.max_new_tokens`` tokens each, by ``rollout.engine``; returns
     :func:`hint_copy_counts` plus the probe's settings."""
     from minicd.algo.reward import code_frequencies
-    from minicd.prompts import prompt_ids
+    from minicd.prompts import mini_example_block, prompt_ids
     from minicd.rollout.engine import SamplingParams
     from minicd.rollout.inference import load_split, open_policy, sharded_generate
     from minicd.train.phi import make_describe
@@ -92,20 +102,25 @@ def probe_hints(cfg: Config, split: str = "train", *, adapter: str | None = None
     freq = code_frequencies(r.codes for r in load_split(cfg, "train"))
     hints = rarest_gold(records, hints_per_note, freq)
     describe = make_describe(cfg.phi)
+    mini_example = cfg.phi.mini_example
+    # every prompt checks its record's code system against data.code_system
+    example = parse_codes(mini_example_block(cfg.data.code_system, mini_example)).codes
     tok, engine = open_policy(cfg, adapter)
     try:
         params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
                                 stop_ids=tok.stop_ids)
         texts = {}
         for name, shown in (("plain", [None] * len(records)), ("hinted", hints)):
-            prompts = [prompt_ids(r, tok, cfg.data, h, describe) for r, h in zip(records, shown)]
+            prompts = [prompt_ids(r, tok, cfg.data, h, describe, mini_example=mini_example)
+                       for r, h in zip(records, shown)]
             groups = sharded_generate(engine, prompts, params,
                                       chunk_size=cfg.rollout.max_batch_size)
             texts[name] = [g[0].text for g in groups]
     finally:
         engine.close()
-    counts = hint_copy_counts(hints, texts["plain"], texts["hinted"])
-    return {"split": split, "hints_per_note": hints_per_note, "model": cfg.model.path,
+    counts = hint_copy_counts(hints, texts["plain"], texts["hinted"], example=example)
+    return {"split": split, "hints_per_note": hints_per_note, "mini_example": mini_example,
+            "model": cfg.model.path,
             "adapter": adapter if adapter is not None else cfg.lora.init_adapter, **counts}
 
 

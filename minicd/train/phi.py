@@ -245,7 +245,8 @@ class HintedPrompts:
                            self.round, step, index)
         self._append("hint_draws", [{"step": step, "index": index, "id": rec.id,
                                      "hints": hints}])
-        return prompt_ids(rec, self.tok, self.cfg.data, hints, self.describe)
+        return prompt_ids(rec, self.tok, self.cfg.data, hints, self.describe,
+                          mini_example=self.cfg.phi.mini_example)
 
     def record_rollouts(self, step: int, groups: Sequence[Rollout]) -> None:
         """Append the parsed codes of every sample of this rank's ``groups`` of ``step``."""
