@@ -232,9 +232,10 @@ class PHIConfig:
     clip_mult: float = 3.0             # a_c clipped at clip_mult x median (paper: 3)
     description_limit: int = 100       # hint descriptions cut to this many characters (<= 100)
     description_file: str | None = None  # extra "code<TAB>description" lines over the CMS tables
-    mini_example: Literal["paper", "system"] = "paper"  # the hint's mini example: paper = its ICD-9
-                                       #   example for every system (Appendix E); system = an
-                                       #   ICD-10 analogue (written here) for ICD-10 runs
+    mini_example: Literal["paper", "system", "none"] = "paper"  # the hint's mini example:
+                                       #   paper = its ICD-9 example for every system (Appendix
+                                       #   E); system = an ICD-10 analogue (written here) for
+                                       #   ICD-10 runs; none = no example (an ablation)
 
     def validate(self) -> None:
         _at_least_one("phi.rounds", self.rounds)

@@ -256,8 +256,8 @@ def hint_block(
     ``describe(code, code_system) -> str | None`` defaults to ``minicd.codes.describe``;
     descriptions are cut with ``codes.truncate_description(text, 100)``; a code with no (or an
     empty) description is listed bare. ``mini_example``: "paper" (the ICD-9 example printed in
-    the paper, for both systems) or "system" (ICD-10 runs get an ICD-10 analogue written here,
-    not from the paper): :func:`mini_example_block`.
+    the paper, for both systems), "system" (ICD-10 runs get an ICD-10 analogue written here,
+    not from the paper) or "none" (no example; an ablation): :func:`mini_example_block`.
     """
     from minicd import codes as codes_mod
 
@@ -271,18 +271,23 @@ def hint_block(
         if desc:
             desc = codes_mod.truncate_description(desc.strip(), HINT_DESCRIPTION_LIMIT)
         lines.append(f"- {code} ({desc})" if desc else f"- {code}")
-    lines.append(example)
+    if example:
+        lines.append(example)
     return "\n".join(lines)
 
 
 def mini_example_block(code_system: str, mini_example: str = "paper") -> str:
-    """The "Mini example:" lines that end the hint block: the paper's ICD-9 example, or with
-    ``mini_example="system"`` an ICD-10 analogue for ICD-10 runs (``phi.mini_example``). Its
-    ``<code>`` span is the answer a policy that copies the example would give."""
+    """The "Mini example:" lines that end the hint block (``phi.mini_example``): "paper", the
+    paper's ICD-9 example; "system", an ICD-10 analogue for ICD-10 runs; "none", no example
+    (an ablation, not the paper: ""). Its ``<code>`` span is the answer a policy that copies
+    the example would give."""
     _check_system(code_system)
-    if mini_example not in ("paper", "system"):
+    if mini_example not in ("paper", "system", "none"):
         raise ConfigError(f"phi.mini_example = {mini_example!r}: use 'paper' (the paper's ICD-9 "
-                          "example for every system) or 'system' (an ICD-10 analogue for ICD-10)")
+                          "example for every system), 'system' (an ICD-10 analogue for ICD-10) "
+                          "or 'none' (no example; an ablation)")
+    if mini_example == "none":
+        return ""
     use_icd10 = mini_example == "system" and code_system == "icd10"
     return HINT_MINI_EXAMPLE_ICD10 if use_icd10 else HINT_MINI_EXAMPLE
 

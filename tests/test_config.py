@@ -118,7 +118,7 @@ def test_every_shipped_preset_loads():
     ("data.train_limit=-5", r"data\.train_limit = -5: must be >= 1"),
     ("data.val_limit=-1", r"data\.val_limit = -1"),
     ("phi.p_inject=1.5", r"phi\.p_inject = 1\.5: must be in \[0, 1\]"),
-    ("phi.mini_example=icd10", r"phi\.mini_example = 'icd10': expected one of paper, system"),
+    ("phi.mini_example=icd10", r"phi\.mini_example = 'icd10': expected one of paper, system, none"),
     ("train.max_steps=0", r"train\.max_steps = 0"),
     ("grpo.dual_clip=0.5", r"grpo\.dual_clip = 0\.5: must be > 1"),
     ("grpo.reward=fbeta:-1", r"grpo\.reward = 'fbeta:-1'"),

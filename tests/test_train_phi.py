@@ -428,7 +428,8 @@ def test_missed_code_bonus_reads_the_round_pools(assets, scripted, tmp_path, mon
 
 
 @pytest.mark.parametrize("mini_example, answer", [("paper", "<code>276.2, 401.9, 584.9</code>"),
-                                                  ("system", "<code>E87.2, I10, N17.9</code>")])
+                                                  ("system", "<code>E87.2, I10, N17.9</code>"),
+                                                  ("none", None)])
 def test_hinted_prompts_use_the_configured_mini_example(assets, tmp_path, mini_example, answer):
     """phi.mini_example reaches PHI's hinted prompts: an ICD-10 record hinted with
     phi.mini_example = "system" ends its hint with the ICD-10 example, else the paper's."""
@@ -441,6 +442,10 @@ def test_hinted_prompts_use_the_configured_mini_example(assets, tmp_path, mini_e
     builder = phi.prompt_builder({rec.id: ["I50.9"]}, {"I50.9": 1.0}, cfg, 0, assets["tok"],
                                  lambda c, s: None, tmp_path)
     text = assets["tok"].decode(builder(rec, 0, 0))
-    assert "Hinted codes:\n- I50.9\nMini example:" in text
-    assert answer in text and text.count("Mini example:") == 1
+    if answer is None:                  # the ablation: the hint list, then the format line
+        assert "Hinted codes:\n- I50.9\n\nOutput format:" in text
+        assert "Mini example:" not in text and "276.2" not in text
+    else:
+        assert "Hinted codes:\n- I50.9\nMini example:" in text
+        assert answer in text and text.count("Mini example:") == 1
 

@@ -104,7 +104,8 @@ def probe_hints(cfg: Config, split: str = "train", *, adapter: str | None = None
     describe = make_describe(cfg.phi)
     mini_example = cfg.phi.mini_example
     # every prompt checks its record's code system against data.code_system
-    example = parse_codes(mini_example_block(cfg.data.code_system, mini_example)).codes
+    block = mini_example_block(cfg.data.code_system, mini_example)
+    example = parse_codes(block).codes if block else None
     tok, engine = open_policy(cfg, adapter)
     try:
         params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
