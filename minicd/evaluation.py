@@ -25,11 +25,11 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from minicd.algo.reward import code_frequencies
 from minicd.codes import normalize
 from minicd.data.records import read_records
 from minicd.errors import ConfigError, DataError
@@ -133,7 +133,7 @@ def load_gold(test_path: str | Path, setting: str = "full", *, train_path: str |
     train_freq = None
     if train_path is not None:
         train_path = Path(train_path)
-        train_freq = dict(Counter(c for r in read_records(train_path) for c in r.codes))
+        train_freq = code_frequencies(r.codes for r in read_records(train_path))
     golds = tuple(r.codes for r in records)
     if label_space == "gold":
         labels = sorted({c for g in golds for c in g})

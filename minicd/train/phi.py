@@ -49,7 +49,6 @@ import copy
 import json
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -57,7 +56,7 @@ import numpy as np
 
 from minicd import dist
 from minicd.algo.phi import code_recall, code_weights, hint_pool, sample_hints
-from minicd.algo.reward import RewardContext
+from minicd.algo.reward import RewardContext, code_frequencies
 from minicd.checkpoint import latest_checkpoint
 from minicd.codes import DescriptionTable, truncate_description
 from minicd.config import Config, PHIConfig
@@ -353,7 +352,7 @@ def _phi_rounds(cfg: Config, info: dist.DistInfo, engines: StageEngine) -> dict:
     out, phi, resume = Path(cfg.train.output_dir), cfg.phi, cfg.train.resume
     out.mkdir(parents=True, exist_ok=True)
     train = load_split(cfg, "train", cfg.data.train_limit)
-    freq = dict(Counter(c for r in train for c in set(r.codes)))   # training-gold frequency
+    freq = code_frequencies(r.codes for r in train)   # training-gold frequency
     base, start_adapter = merged_start(cfg, out / "sft_model", info, rebuild=not resume)
     tok = load_tokenizer(base, template=cfg.model.template)
     describe = make_describe(phi)
