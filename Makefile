@@ -55,6 +55,8 @@ DEMO_MODEL  ?= --hidden 160 --layers 4 --heads 4 --kv-heads 2 --head-dim 40 --vo
 DEMO_SFT    ?=
 DEMO_GRPO   ?= train.max_steps=80 train.eval_every=20
 DEMO_PHI    ?= train.max_steps=20 data.train_limit=300 train.eval_every=20
+# the hint probe before PHI (python -m minicd.train.hint_probe): training notes it reads
+DEMO_PROBE  ?= 16
 DEMO_EVAL_LIMIT ?=
 # discriminative baselines ("PLM Baselines" rows; configs/demo_classifier.toml): models and overrides
 DEMO_CLF      ?= laat caml
@@ -110,7 +112,9 @@ demo-run:
 	  train.output_dir=$(DEMO)/grpo $(DEMO_GRPO)
 	$(PY) rollout.py --config $(CFG) --split test $(LIMIT) --out $(DEMO)/pred/grpo.jsonl \
 	  $(PATHS) model.path=$(DEMO)/sft/model --adapter $(DEMO)/grpo/adapter
-	$(call stage,$(DEMO),7/8 PHI from the SFT policy (missed-code hint rounds))
+	$(call stage,$(DEMO),7/8 PHI from the SFT policy (hint probe, then missed-code hint rounds))
+	$(PY) -m minicd.train.hint_probe --config $(CFG) $(PATHS) model.path=$(DEMO)/sft/model \
+	  --limit $(DEMO_PROBE) --out $(DEMO)/hint_probe.json
 	$(PY) train.py --stage phi --config $(CFG) $(PATHS) model.path=$(DEMO)/sft/model \
 	  train.output_dir=$(DEMO)/phi $(DEMO_PHI)
 	$(PY) rollout.py --config $(CFG) --split test $(LIMIT) --out $(DEMO)/pred/phi.jsonl \
@@ -149,6 +153,7 @@ SDEMO_SFT    ?= data.train_limit=320 data.val_limit=0
 SDEMO_GRPO   ?= train.max_steps=6 train.eval_every=6 train.eval_at_start=true \
   train.micro_batch_size=8
 SDEMO_PHI    ?= data.train_limit=12 train.max_steps=3 train.micro_batch_size=8 data.val_limit=0
+SDEMO_PROBE  ?= 16   # training notes the hint probe reads before PHI
 SDEMO_BASELINES ?= zero_shot few_shot zero_shot_cot few_shot_cot
 SCFG   := configs/smollm2_demo.toml
 SDATA  := $(SDEMO)/data/mimic3/top50
@@ -186,7 +191,9 @@ demo-smollm2-run:
 	  train.output_dir=$(SDEMO)/grpo $(SDEMO_GRPO)
 	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/grpo.jsonl \
 	  $(SPATHS) model.path=$(SMERGED) --adapter $(SDEMO)/grpo/adapter
-	$(call stage,$(SDEMO),5/7 PHI from the SFT policy (missed-code hint rounds))
+	$(call stage,$(SDEMO),5/7 PHI from the SFT policy (hint probe, then missed-code hint rounds))
+	$(PY) -m minicd.train.hint_probe --config $(SCFG) $(SPATHS) --adapter $(SDEMO)/sft/adapter \
+	  --limit $(SDEMO_PROBE) --out $(SDEMO)/hint_probe.json
 	$(PY) train.py --stage phi --config $(SCFG) $(SPATHS) model.path=$(SMERGED) \
 	  train.output_dir=$(SDEMO)/phi $(SDEMO_PHI)
 	$(PY) rollout.py --config $(SCFG) --split test $(SLIMIT) --out $(SDEMO)/pred/phi.jsonl \

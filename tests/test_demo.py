@@ -1,7 +1,7 @@
 """End to end: the fast variant of `make demo` runs the whole ladder on CPU (CI's e2e test).
 
 Synthetic corpus -> preprocessing -> tokenizer + tiny model -> zero-shot baseline -> SFT ->
-GRPO -> PHI -> a CAML baseline (train.py --stage classifier) -> evaluate.py, every step the same CLI call the README shows. Asserts that every
+GRPO -> the hint probe -> PHI -> a CAML baseline (train.py --stage classifier) -> evaluate.py, every step the same CLI call the README shows. Asserts that every
 stage wrote its checkpoint and metrics and that SFT clearly beats the prompting baseline.
 """
 
@@ -14,6 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from minicd.data.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 # Measured on the fast variant (see README "The demo"): SFT test micro-F1 was 0.38 (3 min run);
@@ -42,6 +44,12 @@ def test_fast_demo_runs_the_whole_ladder(tmp_path):
     assert (out / "phi" / "phi_rounds.jsonl").stat().st_size > 0
     assert any((out / "phi").glob("round-*/checkpoints/step-*"))
     assert (out / "phi" / "adapter" / "adapter_model.safetensors").is_file()
+    # the hint probe before PHI: 16 training notes, each shown its 2 rarest gold codes
+    probe = json.loads((out / "hint_probe.json").read_text())
+    train = read_records(out / "data" / "mimic3" / "top50" / "train.jsonl")[:16]
+    assert (probe["notes"], probe["hinted_codes"]) == (16, sum(min(2, len(set(r.codes)))
+                                                               for r in train))
+    assert 0 <= probe["answered_hinted"] <= probe["hinted_codes"]
 
     results = json.loads((out / "eval" / "results.json").read_text())
     text = json.dumps(results)
