@@ -68,6 +68,7 @@ def hint_copy_counts(hints: Sequence[Sequence[str]], plain: Sequence[str],
         raise ValueError(f"hints, plain and hinted responses differ in length: {len(hints)}, "
                          f"{len(plain)}, {len(hinted)}")
     out: dict = {"notes": len(hints), "hinted_codes": sum(len(h) for h in hints)}
+    example_set = None if example is None else set(example)
     for name, texts in (("plain", plain), ("hinted", hinted)):
         parsed = [parse_codes(t) for t in texts]
         spans = [set(p.codes) for p in parsed]
@@ -76,8 +77,8 @@ def hint_copy_counts(hints: Sequence[Sequence[str]], plain: Sequence[str],
                                        for c in h)
         out[f"distinct_answers_{name}"] = len({frozenset(s) for s in spans})
         out[f"no_span_{name}"] = sum(not p.has_span for p in parsed)
-        if example is not None:
-            out[f"example_answers_{name}"] = sum(s == set(example) for s in spans)
+        if example_set is not None:
+            out[f"example_answers_{name}"] = sum(s == example_set for s in spans)
     n = out["hinted_codes"]
     for key in ("answered_plain", "answered_hinted", "mentioned_plain", "mentioned_hinted"):
         out[f"{key}_rate"] = out[key] / n if n else None
