@@ -170,19 +170,29 @@ def check_writable(path: str | os.PathLike, what: str = "output directory") -> P
 
     Raises :class:`OutputError` naming the path when an ancestor is a regular file, the folder
     is read-only, or the disk is full; folders this call created are removed again then, so a
-    refused run leaves nothing behind. Cheap: one small probe file, written and deleted."""
+    refused run leaves nothing behind. Cheap: one small probe file, written and deleted.
+
+    Safe when several processes check the same new path at once (every rank of a torchrun
+    launch does): a folder another process made first is used, and never removed, by this one."""
     path = Path(path)
-    created: list[Path] = []
+    missing: list[Path] = []
     probe_dir = path
     while not probe_dir.exists():
-        created.append(probe_dir)
+        missing.append(probe_dir)
         probe_dir = probe_dir.parent
+    created: list[Path] = []  # what this call made, shallowest first
     try:
         if not probe_dir.is_dir():
             raise OutputError(f"{what} {path}: {probe_dir} is a file, not a folder; choose "
                               "another path")
-        for d in reversed(created):
-            d.mkdir()
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if not d.is_dir():  # a file appeared there: reported below as for any OSError
+                    raise
+                continue  # another process made it between the check and here
+            created.append(d)
         fd, probe = tempfile.mkstemp(prefix=".minicd-write-probe-", dir=path)
         try:
             os.write(fd, b"\0" * 4096)
@@ -191,7 +201,7 @@ def check_writable(path: str | os.PathLike, what: str = "output directory") -> P
             os.close(fd)
             os.unlink(probe)
     except OSError as exc:
-        for d in created:  # deepest first
+        for d in reversed(created):  # deepest first; one another process writes in stays
             with contextlib.suppress(OSError):
                 d.rmdir()
         reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -203,7 +213,7 @@ def check_writable(path: str | os.PathLike, what: str = "output directory") -> P
         raise OutputError(f"{what} {path} cannot be written: {reason}; free space, fix the "
                           "permissions or choose another path") from None
     except OutputError:
-        for d in created:
+        for d in reversed(created):
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise

@@ -88,3 +88,60 @@ def test_truncate_metrics_keeps_each_step_once(tmp_path):
     assert truncate_metrics(path, 2) == 2  # step 3 and the torn step-4 line
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
     assert truncate_metrics(path, 2) == 0
+
+
+def _another_rank_makes(monkeypatch, folder):
+    """Path.mkdir as if another rank of the same launch made ``folder`` between this rank's
+    existence check and its own mkdir (the race CI hit with torchrun --nproc_per_node 2)."""
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == folder and not folder.exists():
+            real_mkdir(folder)  # the other rank wins
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+
+
+def test_check_writable_when_another_rank_makes_the_folder_first(tmp_path, monkeypatch):
+    from minicd.fileio import check_writable
+
+    target = tmp_path / "a" / "multi"
+    _another_rank_makes(monkeypatch, target)
+    assert check_writable(target) == target and target.is_dir()
+    assert list(target.iterdir()) == []  # the probe file is gone
+
+
+def test_failed_check_keeps_the_folder_another_rank_made(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import minicd.fileio as fileio
+
+    target = tmp_path / "a" / "multi"
+    _another_rank_makes(monkeypatch, target)
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio.os, "write", full_disk)
+    with pytest.raises(OutputError, match="disk is full"):
+        fileio.check_writable(target)
+    # "a" was made by this call and is not empty: it stays, as does the other rank's "multi"
+    assert target.is_dir() and (tmp_path / "a").is_dir()
+
+
+def test_check_writable_from_two_processes_at_once(tmp_path):
+    """Many fresh folders claimed by two processes together: neither ever refuses."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom minicd.fileio import check_writable\n"
+              "for i in range(200):\n    check_writable(sys.argv[1] + f'/r{i}/x/y')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert all((tmp_path / f"r{i}" / "x" / "y").is_dir() for i in range(200))
