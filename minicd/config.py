@@ -72,6 +72,7 @@ class DataConfig:
     train_limit: int | None = None     # use only the first N training examples (debugging, demo)
     val_limit: int | None = 200        # validation subset size for in-training evaluation
                                        #   (0: no in-training validation; unset: the whole split)
+                                       #   (SFT/GRPO/PHI; --stage classifier tunes on all of val)
 
     def validate(self) -> None:
         _need(self.max_prompt_tokens >= 64, "data.max_prompt_tokens", self.max_prompt_tokens,
