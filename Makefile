@@ -153,7 +153,8 @@ SDEMO_SFT    ?= data.train_limit=320 data.val_limit=0
 SDEMO_GRPO   ?= train.max_steps=6 train.eval_every=6 train.eval_at_start=true \
   train.micro_batch_size=8
 SDEMO_PHI    ?= data.train_limit=12 train.max_steps=3 train.micro_batch_size=8 data.val_limit=0
-SDEMO_PROBE  ?= 16   # training notes the hint probe reads before PHI
+# the hint probe before PHI (python -m minicd.train.hint_probe): training notes it reads
+SDEMO_PROBE  ?= 16
 SDEMO_BASELINES ?= zero_shot few_shot zero_shot_cot few_shot_cot
 SCFG   := configs/smollm2_demo.toml
 SDATA  := $(SDEMO)/data/mimic3/top50
